@@ -1,0 +1,1 @@
+"""Everything the UI calls: settings, artifacts, models, the song catalog and the recommenders."""

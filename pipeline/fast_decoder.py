@@ -1,0 +1,243 @@
+"""A lean MusicGen decode loop: the whole path from text to audio codes, readable in one file.
+
+transformers' `generate` spends most of a CPU step outside the model (logits processors, cache bookkeeping,
+generic masks) and reads fp32 weights. This loop, in the manner of gpt-fast, keeps only what a step needs:
+
+* weights repacked once: fused Q/K/V, fused LM heads, weight-only int4/int8 (`pipeline.quantize`) with bf16
+  activations; the reference transformers modules are dropped afterwards to free their memory;
+* a static KV cache sized for the request, written in place; no masks (a step attends to positions ≤ its own);
+* the text's cross-attention keys and values computed once per request, and cross-attention run only for the
+  conditional row of classifier-free guidance: the unconditional row attends to a fully masked, all-zero text,
+  which contributes exactly zero (as in transformers and audiocraft);
+* sampling with its own `torch.Generator`, so a seed gives the same codes on every run and in every thread.
+
+`FastMusicgenDecoder.frames()` yields audio codes as soon as each frame is complete (the delay pattern offsets
+codebook k by k steps), which is what streaming playback consumes.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .errors import Cancelled
+from .quantize import ACTIVATION_DTYPE, pack_linear, packed_bytes, resolve_format
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_k: int = 250
+    top_p: float = 0.0
+    guidance_scale: float = 3.0
+
+
+class _Layer:
+    __slots__ = ("ln1", "qkv", "out", "ln2", "cross_q", "cross_out", "cross_k", "cross_v", "ln3", "fc1", "fc2")
+
+
+def _ln(module: torch.nn.LayerNorm, dtype) -> tuple:
+    return (module.normalized_shape, module.weight.detach().to(dtype), module.bias.detach().to(dtype), module.eps)
+
+
+class FastMusicgenDecoder:
+    """Built from a loaded `MusicgenForConditionalGeneration`; `weights` is int4 | int8 | bf16 | fp16 | fp32."""
+
+    def __init__(self, model, weights: str = "int4", device: str = "cpu", keep_reference: bool = False,
+                 cache_dir: str | None = None, native_kernels: bool = True):
+        self.device = device
+        self.format, kernel = resolve_format(weights, device, cache_dir, native_kernels)
+        self.dtype = ACTIVATION_DTYPE[self.format]
+        # keys and values in bf16 halve the cache (and what attention reads) except in the fp32 reference
+        self.cache_dtype = self.dtype if self.format == "fp32" or device != "cpu" else torch.bfloat16
+        config = model.decoder.config
+        decoder = model.decoder.model.decoder
+        self.num_codebooks = config.num_codebooks
+        self.channels = getattr(config, "audio_channels", 1)
+        self.vocab_size = config.vocab_size
+        self.pad_id = config.pad_token_id
+        self.hidden = config.hidden_size
+        self.heads = config.num_attention_heads
+        self.head_dim = self.hidden // self.heads
+        self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
+        self.max_positions = decoder.embed_positions.weights.shape[0]
+
+        def pack(*linears):
+            return pack_linear(torch.cat([m.weight.detach().float() for m in linears], dim=0), self.format, device,
+                               kernel)
+
+        self.embeddings = torch.stack([e.weight.detach() for e in decoder.embed_tokens]).to(device, self.dtype)
+        self.positions = decoder.embed_positions.weights.detach().to(device, self.dtype)
+        self.layers = []
+        for block in decoder.layers:
+            layer = _Layer()
+            attn, cross = block.self_attn, block.encoder_attn
+            layer.ln1 = _ln(block.self_attn_layer_norm, self.dtype)
+            layer.qkv = pack(attn.q_proj, attn.k_proj, attn.v_proj)
+            layer.out = pack(attn.out_proj)
+            layer.ln2 = _ln(block.encoder_attn_layer_norm, self.dtype)
+            layer.cross_q, layer.cross_out = pack(cross.q_proj), pack(cross.out_proj)
+            layer.cross_k, layer.cross_v = pack(cross.k_proj), pack(cross.v_proj)
+            layer.ln3 = _ln(block.final_layer_norm, self.dtype)
+            layer.fc1, layer.fc2 = pack(block.fc1), pack(block.fc2)
+            self.layers.append(layer)
+        self.final_ln = _ln(decoder.layer_norm, self.dtype)
+        self.heads_linear = pack(*model.decoder.lm_heads)
+        self.activation = config.activation_function
+
+        # the text side stays in transformers: T5 runs once per request
+        self.text_encoder = model.text_encoder
+        self.enc_to_dec_proj = getattr(model, "enc_to_dec_proj", None)
+        self.weight_bytes = sum(packed_bytes(f) for layer in self.layers
+                                for f in (layer.qkv, layer.out, layer.cross_q, layer.cross_out, layer.fc1, layer.fc2))
+        self.weight_bytes += packed_bytes(self.heads_linear)
+        if not keep_reference:
+            model.decoder = _Detached(config)  # frees ~1.7 GB of fp32 decoder weights for musicgen-small
+
+    # -- one request ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.text_encoder(input_ids=input_ids.to(self.device),
+                                   attention_mask=attention_mask.to(self.device)).last_hidden_state
+        if self.enc_to_dec_proj is not None:
+            hidden = self.enc_to_dec_proj(hidden)
+        hidden = hidden * attention_mask.to(self.device)[..., None].to(hidden.dtype)
+        return hidden.to(self.dtype), attention_mask.to(self.device).bool()
+
+    def _cross_kv(self, text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        t = text.shape[1]
+        flat = text.reshape(-1, self.hidden)
+        kv = []
+        for layer in self.layers:
+            k = layer.cross_k(flat).view(1, t, self.heads, self.head_dim).transpose(1, 2)
+            v = layer.cross_v(flat).view(1, t, self.heads, self.head_dim).transpose(1, 2)
+            kv.append((k.to(self.cache_dtype).contiguous(), v.to(self.cache_dtype).contiguous()))
+        return kv
+
+    def _step(self, tokens: torch.Tensor, pos: int, caches, cross, cross_mask) -> torch.Tensor:
+        """tokens (B, K) at position `pos` → logits (B, K, V) for position pos + 1."""
+        b = tokens.shape[0]
+        h, d = self.heads, self.head_dim
+        x = self.embeddings[torch.arange(self.num_codebooks, device=tokens.device), tokens].sum(dim=1)
+        x = x * self.embed_scale + self.positions[pos]
+        for layer, (k_cache, v_cache), (ck, cv) in zip(self.layers, caches, cross):
+            y = F.layer_norm(x, *layer.ln1)
+            q, k, v = layer.qkv(y).view(b, 3, h, d).unbind(1)
+            k_cache[:, :, pos] = k
+            v_cache[:, :, pos] = v
+            a = F.scaled_dot_product_attention(q.unsqueeze(2).to(self.cache_dtype), k_cache[:, :, : pos + 1],
+                                               v_cache[:, :, : pos + 1]).to(self.dtype)
+            x = x + layer.out(a.reshape(b, h * d))
+            # cross-attention: conditional row only (row 0); the unconditional row's contribution is zero
+            y = F.layer_norm(x[:1], *layer.ln2)
+            a = F.scaled_dot_product_attention(layer.cross_q(y).view(1, h, 1, d).to(self.cache_dtype), ck, cv,
+                                               attn_mask=cross_mask).to(self.dtype)
+            x = torch.cat([x[:1] + layer.cross_out(a.reshape(1, h * d)), x[1:]]) if b > 1 else \
+                x + layer.cross_out(a.reshape(1, h * d))
+            y = F.layer_norm(x, *layer.ln3)
+            x = x + layer.fc2(F.gelu(layer.fc1(y)) if self.activation == "gelu" else
+                              _activation(self.activation)(layer.fc1(y)))
+        x = F.layer_norm(x, *self.final_ln)
+        return self.heads_linear(x).view(b, self.num_codebooks, self.vocab_size).float()
+
+    def delays(self) -> torch.Tensor:
+        """Offset of each codebook in the delay pattern (stereo codebooks come in interleaved L/R pairs)."""
+        k = torch.arange(self.num_codebooks)
+        return k // 2 if self.channels == 2 else k
+
+    @torch.inference_mode()
+    def frames(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_frames: int, *, seed: int,
+               sampling: Sampling, cancel: threading.Event | None = None,
+               on_step: Callable[[int, int], None] | None = None) -> Iterator[torch.Tensor]:
+        """Yield (K, n) blocks of complete audio-code frames, in order, until `n_frames` have been produced."""
+        delays = self.delays().to(self.device)
+        max_delay = int(delays.max())
+        total_steps = n_frames + max_delay
+        if total_steps + 1 > self.max_positions:
+            raise ValueError(f"{n_frames} frames exceed the model's {self.max_positions} positions.")
+        guided = sampling.guidance_scale > 1.0
+        batch = 2 if guided else 1
+        text, text_mask = self.encode_text(input_ids[:1], attention_mask[:1])
+        cross = self._cross_kv(text)
+        cross_mask = text_mask[:, None, None, :]
+        caches = [(torch.zeros(batch, self.heads, total_steps + 1, self.head_dim, dtype=self.cache_dtype,
+                               device=self.device),
+                   torch.zeros(batch, self.heads, total_steps + 1, self.head_dim, dtype=self.cache_dtype,
+                               device=self.device)) for _ in self.layers]
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        codes = torch.full((self.num_codebooks, n_frames), self.pad_id, dtype=torch.long, device=self.device)
+        tokens = torch.full((batch, self.num_codebooks), self.pad_id, dtype=torch.long, device=self.device)
+        emitted = 0
+        for position in range(1, total_steps + 1):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            logits = self._step(tokens, position - 1, caches, cross, cross_mask)
+            if guided:
+                logits = logits[1] + (logits[0] - logits[1]) * sampling.guidance_scale
+            else:
+                logits = logits[0]
+            sampled = sample(logits, sampling, generator)
+            frame = position - 1 - delays
+            valid = (frame >= 0) & (frame < n_frames)
+            sampled = torch.where(valid, sampled, torch.full_like(sampled, self.pad_id))
+            codes[valid.nonzero().squeeze(1), frame[valid]] = sampled[valid]
+            tokens = sampled.unsqueeze(0).expand(batch, -1).contiguous()
+            complete = min(n_frames, position - max_delay)
+            if on_step is not None:
+                on_step(position, total_steps)
+            if complete > emitted:
+                yield codes[:, emitted:complete].clone()
+                emitted = complete
+
+    @torch.inference_mode()
+    def teacher_forced_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              decoder_tokens: torch.Tensor, guidance: bool = True) -> torch.Tensor:
+        """Logits (B, T, K, V) for given token sequences (B, K, T); the quality guard against the reference."""
+        b = 2 if guidance else 1
+        text, text_mask = self.encode_text(input_ids[:1], attention_mask[:1])
+        cross = self._cross_kv(text)
+        t = decoder_tokens.shape[-1]
+        caches = [(torch.zeros(b, self.heads, t, self.head_dim, dtype=self.cache_dtype, device=self.device),
+                   torch.zeros(b, self.heads, t, self.head_dim, dtype=self.cache_dtype, device=self.device))
+                  for _ in self.layers]
+        out = []
+        for pos in range(t):
+            tokens = decoder_tokens[:1, :, pos].expand(b, -1)
+            out.append(self._step(tokens, pos, caches, cross, text_mask[:, None, None, :]))
+        return torch.stack(out, dim=1)
+
+
+def _activation(name: str):
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+class _Detached(torch.nn.Module):
+    """Stands in for the dropped reference decoder, keeping its config for code that reads it."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.num_codebooks = config.num_codebooks
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """logits (K, V) → one token per codebook: temperature, then top-k, then top-p (nucleus), then a draw."""
+    logits = logits / max(sampling.temperature, 1e-5)
+    if sampling.top_k and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) > sampling.top_p  # keep the token that crosses p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,270 @@
+"""Music from a text prompt with MusicGen (transformers classes, the `facebook/musicgen-*` checkpoints).
+
+`MusicGenerator.stream()` yields loudness-normalised audio chunks (≤ `stream_chunk_s`) while codes are being
+sampled; `generate()` runs the same decode loop and decodes all codes in one EnCodec pass. For the same request
+and seed both give the same codes, and audio equal to float rounding (the streamed EnCodec decoder is exact up to
+~1e-7; see `pipeline.encodec_stream`).
+
+Two decode backends, chosen by the `I2M_MUSIC_DECODER` setting:
+* `fast` (default): `pipeline.fast_decoder`, the project's lean loop with quantized weights;
+* `reference`: transformers' own `generate`, streamed through a per-step hook (a stopping criterion that sees the
+  tokens after every step; `generate(streamer=...)` never ends its streamer). MusicGen-Melody always uses it.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .audio import LoudnessNormalizer, chunk_grid, write_wav
+from .encodec_stream import StreamingEncodecDecoder
+from .errors import Cancelled, InputError
+from .fast_decoder import FastMusicgenDecoder, Sampling
+
+_GLOBAL_RNG_LOCK = threading.Lock()  # the reference backend samples from torch's global generator
+
+
+@dataclass(frozen=True)
+class MusicRequest:
+    prompt: str
+    duration_s: float
+    seed: int = 0
+    temperature: float = 1.0
+    top_k: int = 250
+    top_p: float = 0.0
+    guidance_scale: float = 3.0
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                        guidance_scale=self.guidance_scale)
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    samples: np.ndarray  # (n,) mono or (n, 2) stereo, float32 in [-1, 1]
+    sample_rate: int
+    index: int
+    start_s: float
+    is_last: bool
+    elapsed_s: float = 0.0  # since the request started
+
+
+@dataclass(frozen=True)
+class GeneratedMusic:
+    samples: np.ndarray
+    sample_rate: int
+    duration_s: float
+    seed: int
+    prompt: str
+    codes: np.ndarray = field(repr=False)  # (codebooks, frames)
+    compute_s: float = 0.0
+    first_chunk_s: float | None = None
+    wav_path: Path | None = None
+
+    @property
+    def rtf(self) -> float:
+        return self.compute_s / self.duration_s if self.duration_s else math.inf
+
+
+def bake_weight_norm(module: torch.nn.Module) -> None:
+    """Fold EnCodec's weight-norm parametrisations into plain weights: same output, no per-call recompute."""
+    from torch.nn.utils import parametrize
+
+    for sub in module.modules():
+        if parametrize.is_parametrized(sub):
+            for name in list(sub.parametrizations.keys()):
+                parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
+
+
+class MusicGenerator:
+    def __init__(self, path: Path, *, device: str = "cpu", dtype=None, weights: str = "int4",
+                 decoder: str = "fast", cache_dir: str | None = None, native_kernels: bool = True,
+                 first_chunk_s: float = 0.5, stream_chunk_s: float = 1.0, audio_dir: Path | None = None):
+        import json
+
+        from transformers import AutoProcessor
+
+        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type", "musicgen")
+        if model_type == "musicgen_melody":
+            from transformers import MusicgenMelodyForConditionalGeneration as ModelClass
+
+            decoder = "reference"
+        else:
+            from transformers import MusicgenForConditionalGeneration as ModelClass
+        model = ModelClass.from_pretrained(path, dtype=torch.float32).eval()
+        if dtype is not None and dtype != torch.float32:
+            model.text_encoder.to(dtype)
+        bake_weight_norm(model.audio_encoder)
+        self.device = device
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.sample_rate = int(model.config.audio_encoder.sampling_rate)
+        self.frame_rate = int(model.config.audio_encoder.frame_rate)
+        self.channels = int(getattr(model.config.decoder, "audio_channels", 1))
+        self.num_codebooks = int(model.config.decoder.num_codebooks)
+        self.max_frames = int(model.config.decoder.max_position_embeddings) - self.num_codebooks - 1
+        self.first_chunk_frames = max(1, round(first_chunk_s * self.frame_rate))
+        self.chunk_frames = max(1, round(stream_chunk_s * self.frame_rate))
+        self.audio_dir = audio_dir
+        self.backend = decoder
+        self._model = model.to(device)
+        self.audio_encoder = self._model.audio_encoder
+        if decoder == "fast":
+            self._fast = FastMusicgenDecoder(self._model, weights=weights, device=device, cache_dir=cache_dir,
+                                             native_kernels=native_kernels)
+            self.weights = self._fast.format
+        else:
+            self._fast = None
+            self.weights = "fp32"
+
+    # -- codes ----------------------------------------------------------------------------------------------------
+    def _tokens(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = self.processor(text=[prompt], return_tensors="pt", padding=True, truncation=True, max_length=256)
+        return inputs["input_ids"], inputs["attention_mask"]
+
+    def n_frames(self, duration_s: float) -> int:
+        frames = int(round(duration_s * self.frame_rate))
+        if frames < 1:
+            raise InputError("The duration is too short to make any audio.")
+        if frames > self.max_frames:
+            raise InputError(f"This model makes at most {self.max_frames / self.frame_rate:.0f} s per clip.")
+        return frames
+
+    def _frames(self, request: MusicRequest, cancel: threading.Event | None) -> Iterator[torch.Tensor]:
+        ids, mask = self._tokens(request.prompt)
+        n = self.n_frames(request.duration_s)
+        if self._fast is not None:
+            yield from self._fast.frames(ids, mask, n, seed=request.seed, sampling=request.sampling, cancel=cancel)
+        else:
+            yield from self._reference_frames(ids, mask, n, request, cancel)
+
+    def _reference_frames(self, ids, mask, n: int, request: MusicRequest,
+                          cancel: threading.Event | None) -> Iterator[torch.Tensor]:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        model = self._model
+        pad = model.generation_config.pad_token_id
+        k = self.num_codebooks
+        delay = (k // 2 if self.channels == 2 else k) - 1
+        steps = n + delay
+        _, pattern = model.decoder.build_delay_pattern_mask(
+            torch.full((k, 1), pad, dtype=torch.long), pad_token_id=pad, max_length=steps + 1)
+        updates: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        class PerStepHook(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                masked = model.decoder.apply_delay_pattern_mask(input_ids, pattern)
+                updates.put(masked[:k].clone())
+                halt = stop.is_set() or (cancel is not None and cancel.is_set())
+                return torch.full((input_ids.shape[0],), halt, dtype=torch.bool)
+
+        def run():
+            try:
+                with _GLOBAL_RNG_LOCK, torch.inference_mode():
+                    torch.manual_seed(int(request.seed))
+                    model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                   do_sample=True, max_new_tokens=steps, min_new_tokens=steps,
+                                   temperature=request.temperature, top_k=request.top_k or None,
+                                   top_p=request.top_p if 0 < request.top_p < 1 else None,
+                                   guidance_scale=request.guidance_scale,
+                                   stopping_criteria=StoppingCriteriaList([PerStepHook()]))
+                updates.put(None)
+            except BaseException as exc:  # surfaced in the consuming thread
+                updates.put(exc)
+
+        worker = threading.Thread(target=run, name="musicgen-reference", daemon=True)
+        worker.start()
+        emitted = 0
+        try:
+            while True:
+                item = updates.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                position = item.shape[-1] - 1
+                complete = min(n, position - delay)
+                if complete > emitted:
+                    delays = torch.arange(k) // 2 if self.channels == 2 else torch.arange(k)
+                    block = torch.stack([item[c, 1 + delays[c] + emitted: 1 + delays[c] + complete] for c in range(k)])
+                    yield block
+                    emitted = complete
+        finally:
+            stop.set()
+            worker.join(timeout=60)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+
+    # -- audio ----------------------------------------------------------------------------------------------------
+    def _decode_all(self, codes: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            if self.channels == 2:
+                left = self.audio_encoder.decode(codes[0::2][None, None], [None]).audio_values[0, 0]
+                right = self.audio_encoder.decode(codes[1::2][None, None], [None]).audio_values[0, 0]
+                return torch.stack([left, right], dim=-1).float().cpu().numpy()
+            return self.audio_encoder.decode(codes[None, None], [None]).audio_values[0, 0].float().cpu().numpy()
+
+    def stream(self, request: MusicRequest, cancel: threading.Event | None = None) -> Iterator[AudioChunk]:
+        """Audio chunks as soon as they are final: the first after `first_chunk_s`, then every `stream_chunk_s`."""
+        started = time.perf_counter()
+        n = self.n_frames(request.duration_s)
+        grid = chunk_grid(n, self.first_chunk_frames, self.chunk_frames)
+        hop = self.sample_rate // self.frame_rate
+        decoders = [StreamingEncodecDecoder(self.audio_encoder) for _ in range(self.channels)]
+        normalizer = LoudnessNormalizer()
+        pending: list[np.ndarray] = []
+        pending_samples = 0
+        index = 0
+        produced = 0
+        for block in self._frames(request, cancel):
+            produced += block.shape[-1]
+            final = produced >= n
+            parts = [dec.push(block[c::self.channels] if self.channels == 2 else block, final=final)
+                     for c, dec in enumerate(decoders)]
+            audio = (torch.stack([p[0, 0] for p in parts], dim=-1) if self.channels == 2 else parts[0][0, 0])
+            audio = audio.float().cpu().numpy()
+            if audio.shape[0]:
+                pending.append(audio)
+                pending_samples += audio.shape[0]
+            while index < len(grid) and pending_samples >= (grid[index][1] - grid[index][0]) * hop:
+                want = (grid[index][1] - grid[index][0]) * hop
+                joined = np.concatenate(pending, axis=0)
+                chunk, rest = joined[:want], joined[want:]
+                pending, pending_samples = ([rest] if rest.shape[0] else []), rest.shape[0]
+                yield AudioChunk(samples=normalizer.process(chunk), sample_rate=self.sample_rate, index=index,
+                                 start_s=grid[index][0] / self.frame_rate, is_last=index == len(grid) - 1,
+                                 elapsed_s=time.perf_counter() - started)
+                index += 1
+
+    def generate(self, request: MusicRequest, cancel: threading.Event | None = None,
+                 write: bool = True) -> GeneratedMusic:
+        started = time.perf_counter()
+        n = self.n_frames(request.duration_s)
+        codes = torch.cat(list(self._frames(request, cancel)), dim=-1)
+        audio = self._decode_all(codes)
+        hop = self.sample_rate // self.frame_rate
+        normalizer = LoudnessNormalizer()
+        chunks = [normalizer.process(audio[a * hop: b * hop])
+                  for a, b in chunk_grid(n, self.first_chunk_frames, self.chunk_frames)]
+        samples = np.concatenate(chunks, axis=0)
+        compute = time.perf_counter() - started
+        path = write_wav(samples, self.sample_rate, self.audio_dir) if write and self.audio_dir else None
+        return GeneratedMusic(samples=samples, sample_rate=self.sample_rate, duration_s=samples.shape[0] /
+                              self.sample_rate, seed=request.seed, prompt=request.prompt,
+                              codes=codes.cpu().numpy(), compute_s=compute, wav_path=path)
+
+    def save(self, samples: np.ndarray) -> Path:
+        if self.audio_dir is None:
+            raise RuntimeError("No audio folder configured.")
+        return write_wav(samples, self.sample_rate, self.audio_dir)

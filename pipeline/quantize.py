@@ -1,0 +1,117 @@
+"""Weight-only quantized matrix products for the MusicGen decoder.
+
+Decoding one audio frame reads every decoder weight once, so on a CPU it is bound by memory bandwidth: fewer
+bytes per weight means faster steps. `pack_linear` turns an fp32 weight matrix into a callable `x -> x @ W.T`
+in one of these formats (`resolve_format` picks what the machine supports):
+
+* `int4-native`: the project's kernel (`pipeline.native_kernels`): 4-bit weights in groups of 32 with fp16 scale
+  and offset, int8 activations, VNNI dot products; fp32 in and out;
+* `int4-aten`: PyTorch's packed CPU kernel `_weight_int4pack_mm_for_cpu` (groups of 64), bf16 activations;
+* `int8`: 8-bit weights with a scale per output row (`_weight_int8pack_mm`), bf16 activations;
+* `bf16` / `fp16` / `fp32`: plain `F.linear` in that type (`fp32` is the reference).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+INT4_ATEN_GROUPS = (64, 32)  # the first that divides the input size is used
+ACTIVATION_DTYPE = {"int4-native": torch.float32, "int4-aten": torch.bfloat16, "int8": torch.bfloat16,
+                    "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@functools.lru_cache(maxsize=None)
+def int4_aten_supported() -> bool:
+    try:
+        packed, scales = _pack_int4_aten(torch.randn(64, 128), 64)
+        torch.ops.aten._weight_int4pack_mm_for_cpu(torch.randn(2, 128, dtype=torch.bfloat16), packed, 64, scales)
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def resolve_format(weights: str, device: str, cache_dir: str | None = None, native: bool = True):
+    """Settings value (int4 | int8 | bf16 | fp16 | fp32) → (format actually used, native kernel or None)."""
+    if device != "cpu":
+        return ("fp32" if weights == "fp32" else "fp16" if weights in ("int4", "int8", "fp16") else weights), None
+    if weights == "int4":
+        if native and cache_dir is not None:
+            from .native_kernels import load_kernel
+
+            kernel = load_kernel(str(cache_dir))
+            if kernel is not None:
+                return "int4-native", kernel
+        return ("int4-aten" if int4_aten_supported() else "int8"), None
+    if weights == "fp16":
+        return "bf16", None  # fp16 matmuls are emulated on CPU; bf16 has the same size and native support
+    return weights, None
+
+
+def _pack_int4_aten(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = weight.shape
+    grouped = weight.float().reshape(n, k // group, group)
+    low = grouped.amin(dim=-1, keepdim=True)
+    high = grouped.amax(dim=-1, keepdim=True)
+    scale = (high - low).clamp(min=1e-8) / 15
+    q = torch.round((grouped - low) / scale).clamp(0, 15).to(torch.int32).reshape(n, k)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    # the kernel computes (q - 8) * scale + zero, so the zero point is the group minimum shifted by 8 steps
+    scales_and_zeros = torch.stack([scale.reshape(n, -1), (low + 8 * scale).reshape(n, -1)], dim=-1)
+    return packed, scales_and_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
+def pack_linear(weight: torch.Tensor, fmt: str, device: str = "cpu", kernel=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`weight` is (out_features, in_features); the result maps (m, in) activations to (m, out)."""
+    weight = weight.detach()
+    n, k = weight.shape
+    if fmt == "int4-native" and kernel is not None:
+        from .native_kernels import SUPERBLOCK, PackedInt4
+
+        if k % SUPERBLOCK == 0:
+            return functools.partial(kernel.linear, packed=PackedInt4(weight))
+        fmt = "int4-aten" if int4_aten_supported() else "int8"  # odd shapes (tiny test models) use PyTorch's
+        return _cast_after(pack_linear(weight, fmt, device), torch.float32)
+    group = next((g for g in INT4_ATEN_GROUPS if k % g == 0), None)
+    if fmt == "int4-aten" and group and n % 16 == 0:
+        packed, scales = _pack_int4_aten(weight, group)
+        return functools.partial(_int4_aten_mm, packed=packed, scales=scales, group=group)
+    if fmt in ("int4-aten", "int4-native", "int8"):
+        scale = weight.float().abs().amax(dim=1).clamp(min=1e-8) / 127
+        q = torch.round(weight.float() / scale[:, None]).clamp(-128, 127).to(torch.int8).contiguous()
+        return functools.partial(_int8_mm, q=q, scales=scale.to(torch.bfloat16))
+    w = weight.to(device=device, dtype=ACTIVATION_DTYPE[fmt]).contiguous()
+    return functools.partial(F.linear, weight=w)
+
+
+def _cast_after(fn: Callable, dtype: torch.dtype) -> Callable:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return fn(x.to(torch.bfloat16)).to(dtype)
+
+    run.inner = fn
+    return run
+
+
+def _int4_aten_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group, scales)
+
+
+def _int8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scales)
+
+
+def packed_bytes(fn: Callable) -> int:
+    """Bytes of weight data a packed linear reads per call (for the benchmark's bandwidth figures)."""
+    fn = getattr(fn, "inner", fn)
+    if isinstance(fn, functools.partial):
+        total = 0
+        for value in fn.keywords.values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+            elif hasattr(value, "nbytes"):
+                total += value.nbytes
+        return total
+    return 0

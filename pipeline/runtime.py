@@ -1,0 +1,54 @@
+"""Torch device, float type and thread settings, resolved once from `Settings`."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+from .settings import Settings
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str  # "cpu" or "cuda"
+    dtype: "torch.dtype"  # float type of BLIP, CLIP and the T5 text encoder  # noqa: F821
+    music_weights: str  # int4 | int8 | bf16 | fp16 | fp32
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device == "cuda"
+
+
+def quiet_libraries() -> None:
+    """Keep model loading from printing progress bars and advisory warnings into the Space log."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+    warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+
+
+def resolve_runtime(settings: Settings) -> Runtime:
+    import torch
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = settings.resolved_device
+    if device == "cuda" and not torch.cuda.is_available():
+        device = "cpu"
+    if settings.dtype == "auto":
+        dtype = torch.float16 if device == "cuda" else torch.float32
+    else:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[settings.dtype]
+    if device == "cpu" and dtype == torch.float16:
+        dtype = torch.float32  # half precision matmuls are emulated and slow on CPU
+    weights = settings.music_weights
+    if weights == "auto":
+        weights = "fp16" if device == "cuda" else "int4"
+    if device == "cuda" and weights in ("int4", "int8"):
+        weights = "fp16"  # the CPU packed kernels have no CUDA counterpart with this layout
+    return Runtime(device=device, dtype=dtype, music_weights=weights)

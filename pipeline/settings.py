@@ -1,0 +1,230 @@
+"""Every knob of the app in one typed object, read from environment variables.
+
+Each field declares its environment variable, default and meaning next to it; the README's settings table is
+generated from these declarations (`python -m pipeline.settings`) and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Pinned Hub revisions of the default checkpoints, so a Space rebuild never silently picks up new weights.
+CAPTION_REVISIONS = {
+    "Salesforce/blip-image-captioning-base": "82a37760796d32b1411fe092ab5d4e227313294b",
+}
+CLIP_REVISIONS = {
+    "openai/clip-vit-base-patch32": "3d74acf9a28c67741b2f4f2ea7635f0aaf6f0268",
+}
+MUSIC_REVISIONS = {
+    "facebook/musicgen-small": "4c8334b02c6ec4e8664a91979669a501ec497792",
+}
+EMBEDDER_REVISIONS = {
+    "sentence-transformers/all-MiniLM-L6-v2": "c9745ed1d9f207416be6d2e6f8de32d1f16199bf",
+}
+
+MUSIC_MODEL_CHOICES = (
+    "facebook/musicgen-small",
+    "facebook/musicgen-medium",
+    "facebook/musicgen-melody",
+    "facebook/musicgen-stereo-small",
+)
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the app cannot use; the message names the variable."""
+
+
+def _setting(env: str, default: Any, doc: str, *, choices: tuple[str, ...] | None = None,
+             low: float | None = None, high: float | None = None, secret: bool = False):
+    return field(default=default, repr=not secret,
+                 metadata={"env": env, "doc": doc, "choices": choices, "low": low, "high": high, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Models
+    demo: bool = _setting("I2M_DEMO", False, "Use tiny random-weight models built locally (no network). "
+                          "`python app.py --demo` sets it.")
+    caption_model: str = _setting("I2M_CAPTION_MODEL", "Salesforce/blip-image-captioning-base",
+                                  "BLIP captioning checkpoint (Hub id or local folder); "
+                                  "`Salesforce/blip-image-captioning-large` for better captions.")
+    caption_revision: str = _setting("I2M_CAPTION_REVISION", "",
+                                     "Hub revision of the caption model; empty = the pinned commit of the default "
+                                     "checkpoint, `main` for any other.")
+    clip_model: str = _setting("I2M_CLIP_MODEL", "openai/clip-vit-base-patch32", "CLIP checkpoint for the mood reader.")
+    clip_revision: str = _setting("I2M_CLIP_REVISION", "", "Hub revision of the CLIP model (empty = pinned).")
+    music_model: str = _setting("I2M_MUSIC_MODEL", "facebook/musicgen-small",
+                                "MusicGen checkpoint: " + ", ".join(f"`{m}`" for m in MUSIC_MODEL_CHOICES)
+                                + " or a local folder.")
+    music_revision: str = _setting("I2M_MUSIC_REVISION", "", "Hub revision of the MusicGen model (empty = pinned).")
+    embedder_model: str = _setting("I2M_EMBEDDER_MODEL", "sentence-transformers/all-MiniLM-L6-v2",
+                                   "Sentence embedder for lyric search; must match the one the index was built with.")
+    embedder_revision: str = _setting("I2M_EMBEDDER_REVISION", "",
+                                      "Hub revision of the embedder (empty = pinned).")
+    mood_predictor: str = _setting("I2M_MOOD_PREDICTOR", "zeroshot",
+                                   "`zeroshot` (CLIP text prompts, no training) or `mlp` (trained FastMLP head).",
+                                   choices=("zeroshot", "mlp"))
+    mood_mlp: str = _setting("I2M_MOOD_MLP", "",
+                             "FastMLP weights for `mlp`: a local `.safetensors` file or a Hub model repo id "
+                             "holding `mood_mlp.safetensors`.")
+    # Hardware
+    device: str = _setting("I2M_DEVICE", "auto", "`auto` (CUDA when present), `cpu` or `cuda`.",
+                           choices=("auto", "cpu", "cuda"))
+    dtype: str = _setting("I2M_DTYPE", "auto", "Float type of BLIP/CLIP/T5: `auto` (fp16 on GPU, fp32 on CPU), "
+                          "`float32`, `bfloat16`, `float16`.", choices=("auto", "float32", "bfloat16", "float16"))
+    caption_int8: bool = _setting("I2M_CAPTION_INT8", True, "Dynamic int8 quantization of BLIP's linear layers on CPU.")
+    music_weights: str = _setting("I2M_MUSIC_WEIGHTS", "auto",
+                                  "MusicGen decoder weights: `auto` (int4 on CPU, fp16 on GPU), `int4`, `int8`, "
+                                  "`bf16`, `fp32`.", choices=("auto", "int4", "int8", "bf16", "fp32", "fp16"))
+    music_decoder: str = _setting("I2M_MUSIC_DECODER", "fast",
+                                  "`fast`: the project's lean decode loop; `reference`: transformers' `generate`.",
+                                  choices=("fast", "reference"))
+    native_kernels: bool = _setting("I2M_NATIVE_KERNELS", True,
+                                    "Compile the project's int4 CPU kernel with the system C compiler on first use; "
+                                    "off = PyTorch's own int4 kernel.")
+    threads: int = _setting("I2M_THREADS", 0, "Torch CPU threads; 0 = all cores.", low=0, high=256)
+    # Limits
+    min_duration_s: float = _setting("I2M_MIN_DURATION", 1.0, "Shortest clip in seconds.", low=0.5, high=30)
+    max_duration_s: float = _setting("I2M_MAX_DURATION", 30.0, "Longest clip in seconds (MusicGen's limit is ~40).",
+                                     low=1, high=40)
+    default_duration_s: float = _setting("I2M_DEFAULT_DURATION", 8.0, "Clip length preselected in the UI.",
+                                         low=1, high=40)
+    stream_chunk_s: float = _setting("I2M_STREAM_CHUNK", 1.0, "Longest streamed audio chunk in seconds.",
+                                     low=0.2, high=5)
+    first_chunk_s: float = _setting("I2M_FIRST_CHUNK", 0.5,
+                                    "Length of the first streamed chunk (shorter = sooner first sound).",
+                                    low=0.2, high=5)
+    max_prompt_chars: int = _setting("I2M_MAX_PROMPT_CHARS", 400,
+                                     "Music prompts and free text longer than this are cut, with a notice.",
+                                     low=20, high=5000)
+    max_image_pixels: int = _setting("I2M_MAX_IMAGE_PIXELS", 50_000_000,
+                                     "Images declaring more pixels are refused before decoding "
+                                     "(decompression-bomb guard).", low=1, high=500_000_000)
+    max_image_side: int = _setting("I2M_MAX_IMAGE_SIDE", 1024,
+                                   "Larger photos are downscaled to this longest side before the models see them.",
+                                   low=64, high=8192)
+    max_upload_mb: float = _setting("I2M_MAX_UPLOAD_MB", 20.0, "Largest accepted upload in MB.", low=0.1, high=500)
+    max_k: int = _setting("I2M_MAX_K", 50, "Most songs one recommendation list may ask for.", low=1, high=500)
+    # Serving
+    queue_size: int = _setting("I2M_QUEUE_SIZE", 32,
+                               "Requests waiting beyond this are answered 'busy, try again'.", low=1, high=10_000)
+    analyze_concurrency: int = _setting("I2M_ANALYZE_CONCURRENCY", 2, "Analyze requests run at once.", low=1, high=64)
+    generate_concurrency: int = _setting("I2M_GENERATE_CONCURRENCY", 1, "Music generations run at once.",
+                                         low=1, high=16)
+    analyze_cache_size: int = _setting("I2M_ANALYZE_CACHE", 128, "Analyze results kept per image and settings (LRU).",
+                                       low=0, high=100_000)
+    load_wait_s: float = _setting("I2M_LOAD_WAIT", 45.0,
+                                  "A request for a model still loading waits this long, then answers 'still loading'.",
+                                  low=0, high=3600)
+    temp_max_age_s: int = _setting("I2M_TEMP_MAX_AGE", 3600, "Generated files older than this are deleted.",
+                                   low=60, high=7 * 86400)
+    temp_max_mb: int = _setting("I2M_TEMP_MAX_MB", 512, "Generated files are pruned, oldest first, above this size.",
+                                low=1, high=100_000)
+    # Locations
+    index_dir: str = _setting("I2M_INDEX_DIR", str(REPO_ROOT / "index"), "Folder of the song catalog (`index/`).")
+    cache_dir: str = _setting("I2M_CACHE_DIR", str(Path.home() / ".cache" / "image-to-music"),
+                              "Where demo models and generated audio live.")
+    hf_token: str = _setting("HF_TOKEN", "", "Hugging Face token for gated or private repos; read from the "
+                             "environment only and never logged or shown.", secret=True)
+
+    # -- derived values -------------------------------------------------------------------------------------------
+    def revision_for(self, kind: str) -> str:
+        model = getattr(self, f"{kind}_model")
+        explicit = getattr(self, f"{kind}_revision")
+        pins = {"caption": CAPTION_REVISIONS, "clip": CLIP_REVISIONS, "music": MUSIC_REVISIONS,
+                "embedder": EMBEDDER_REVISIONS}[kind]
+        return explicit or pins.get(model, "main")
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch  # deferred: settings are read by the UI process before torch is needed
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def audio_dir(self) -> Path:
+        return Path(self.cache_dir) / "audio"
+
+    def replace(self, **changes: Any) -> "Settings":
+        merged = {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, **changes}
+        return _validated(merged)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is not None and raw.strip() != "":
+                values[f.name] = _parse(f, raw.strip())
+        values.update(overrides)
+        return _validated(values)
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    env = f.metadata["env"]
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind == "bool":
+            lowered = raw.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+        return raw
+    except ValueError:
+        shown = "<hidden>" if f.metadata["secret"] else repr(raw)
+        raise SettingsError(f"{env}={shown} is not a valid {kind}.") from None
+
+
+def _validated(values: dict[str, Any]) -> Settings:
+    settings = Settings(**values)
+    for f in dataclasses.fields(Settings):
+        value = getattr(settings, f.name)
+        meta = f.metadata
+        if meta["choices"] and value not in meta["choices"]:
+            raise SettingsError(f"{meta['env']}={value!r} is not one of: {', '.join(meta['choices'])}.")
+        if meta["low"] is not None and not (meta["low"] <= value <= meta["high"]):
+            raise SettingsError(f"{meta['env']}={value!r} is outside [{meta['low']}, {meta['high']}].")
+    if settings.min_duration_s > settings.max_duration_s:
+        raise SettingsError("I2M_MIN_DURATION must not exceed I2M_MAX_DURATION.")
+    if not settings.min_duration_s <= settings.default_duration_s <= settings.max_duration_s:
+        raise SettingsError("I2M_DEFAULT_DURATION must lie between I2M_MIN_DURATION and I2M_MAX_DURATION.")
+    return settings
+
+
+def settings_table() -> str:
+    """The Markdown table of every setting, as printed in the README."""
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        if f.name == "index_dir":
+            default = "`index/` beside `app.py`"
+        elif f.name == "cache_dir":
+            default = "`~/.cache/image-to-music`"
+        elif f.metadata["secret"] or default == "":
+            default = "(empty)"
+        else:
+            default = f"`{default}`"
+        rows.append(f"| `{f.metadata['env']}` | {default} | {f.metadata['doc']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

@@ -1,0 +1,679 @@
+"""Build the shipped song catalog (`index/`) from raw song tables.
+
+    python scripts/build_index.py                          # ../shared/data → index/
+    python scripts/build_index.py --data-dir DIR --out DIR
+    python scripts/build_index.py --table my_songs.csv     # add your own table (see README: "Rebuild the catalog")
+    python scripts/build_index.py --hub-dataset user/songs --no-default-sources
+
+Steps: read every source into one schema → de-duplicate by Spotify id, then by normalised artist + title (with the
+first credited artist as fallback) → impute and flag a missing time signature → cut lyrics into stanza-sized
+passages and embed them with all-MiniLM-L6-v2 → keep only vectors, keywords and themes (never lyric text) → write
+parquet / FAISS files and a manifest with checksums. Output is deterministic: the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import io
+import json
+import math
+import re
+import sys
+import time
+import unicodedata
+import zipfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from pipeline import vector_index  # noqa: E402
+from pipeline.features import FEATURES, FeatureSpace  # noqa: E402
+
+SCHEMA_VERSION = 1
+BUILDER_VERSION = "1.0"
+PASSAGE_WORDS = 40
+MIN_LYRIC_WORDS = 12
+KEYWORDS_PER_SONG = 8
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+SONG_COLUMNS = ["id", "title", "artist", "year", "genre", "popularity", "spotify_id", *FEATURES,
+                "time_signature_imputed", "sources", "has_features", "has_lyrics", "keywords", "themes"]
+
+# Lyric themes: each song's passages are compared with these descriptions to name what it is about.
+THEMES = {
+    "love": "falling in love, romance and tenderness",
+    "heartbreak": "a broken heart after a breakup, crying over a lost lover",
+    "party": "partying and dancing all night at the club",
+    "night life": "the city at night, lights, streets and cars",
+    "faith": "faith, prayer, god and heaven",
+    "family": "home, family, mother and father",
+    "freedom": "freedom, the open road and running away",
+    "money": "money, fame, success and luxury",
+    "nature": "nature, sun, rain, sea and the seasons",
+    "loneliness": "being lonely and alone, nobody to talk to",
+    "nostalgia": "memories of the old days and growing up",
+    "anger": "anger, rebellion and fighting back",
+    "hope": "hope, strength and a brighter tomorrow",
+    "loss": "grief, death and loss",
+    "friendship": "friends sticking together",
+    "summer fun": "summer, sunshine, beaches and good times",
+    "desire": "desire, passion and seduction",
+    "dreams": "dreams, stars and the sky",
+    "travel": "travelling, trains, planes and leaving town",
+    "youth": "being young, wild and free",
+}
+
+SOURCE_CREDITS = {
+    "tidytuesday": {"title": "TidyTuesday 2020-01-21 'Spotify songs' (spotifyr)", "licence": "CC0-1.0",
+                    "url": "https://github.com/rfordatascience/tidytuesday/tree/master/data/2020/2020-01-21"},
+    "musicoset": {"title": "MusicOSet (Silva, Oliveira & Moro, SBBD 2019)", "licence": "CC BY 4.0 (dataset terms)",
+                  "url": "https://marianaossilva.github.io/DSW2019/"},
+    "billboard_lyrics": {"title": "50 Years of Pop Music Lyrics (Billboard year-end Hot 100, 1965-2015)",
+                         "licence": "No licence; lyrics copyrighted: only embeddings and keywords are kept",
+                         "url": "https://github.com/walkerkq/musiclyrics"},
+    "tcc_ceds": {"title": "Music Dataset: 1950 to 2019 (Moura et al., Mendeley Data, 2020)",
+                 "licence": "CC BY 4.0", "url": "https://data.mendeley.com/datasets/3t9vbwxgr5/3"},
+}
+
+_STOPWORDS = set("""a about above after again against all am an and any are as at be because been before being below
+between both but by can could did do does doing down during each few for from further had has have having he her here
+hers herself him himself his how i if in into is it its itself just let me more most my myself no nor not now of off
+on once only or other our ours ourselves out over own same she should so some such than that the their theirs them
+themselves then there these they this those through to too under until up very was we were what when where which while
+who whom why will with would you your yours yourself yourselves im youre dont cant wont aint ill ive id youll youve
+theyre thats whats gonna wanna gotta yeah oh ooh ah uh hey la na da got get gets like know go going come comes came
+one two three say said tell told make made way cause cuz baby want wanna let lets ya yo yes nah mmm hmm whoa woah
+verse chorus intro outro hook bridge repeat instrumental x2 x3 x4 ahh ohh ooh oooh woo whoo ayy uhh huh
+couldn wouldn shouldn didn doesn isn wasn weren haven hasn hadn don won ain gon til em ima imma mmmm""".split())
+# Words a family audience would not want in a keyword list.
+_BLOCKED = set("""fuck fucking fucked fucker motherfucker motherfuckin shit bitch bitches nigga niggas nigger pussy dick
+cock cunt whore hoe hoes ass asshole damn bastard slut""".split())
+
+
+# -- normalisation ------------------------------------------------------------------------------------------------
+
+_BRACKETS = re.compile(r"\([^)]*\)|\[[^\]]*\]|\{[^}]*\}")
+_FEAT = re.compile(r"\s(feat\.?|ft\.?|featuring|with)\s.*$")
+_DASH_SUFFIX = re.compile(r"\s+-\s+.*$")
+_FIRST_ARTIST_SPLIT = re.compile(r"\s*(?:,|&|\band\b|\bx\b|\bvs\.?\b|\bfeat\.?\b|\bft\.?\b|\bfeaturing\b|\bwith\b|/|;)\s*")
+
+
+def _ascii_lower(text: str) -> str:
+    return unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode("ascii").lower()
+
+
+def normalize_title(title: str) -> str:
+    """'Crazy (Remastered 2011) - Radio Edit' → 'crazy'. Used only as a de-duplication key."""
+    text = _ascii_lower(title)
+    text = _BRACKETS.sub(" ", text)
+    text = _DASH_SUFFIX.sub("", text)
+    text = _FEAT.sub("", " " + text).strip()
+    text = re.sub(r"^the\s+", "", text.replace("&", " and "))
+    return re.sub(r"[^a-z0-9]", "", text)
+
+
+def normalize_artist(artist: str) -> str:
+    text = _ascii_lower(artist)
+    text = _BRACKETS.sub(" ", text)
+    text = _FEAT.sub("", " " + text).strip()
+    text = re.sub(r"^the\s+", "", text.replace("&", " and "))
+    return re.sub(r"[^a-z0-9]", "", text)
+
+
+def first_artist(artist: str) -> str:
+    parts = [p for p in _FIRST_ARTIST_SPLIT.split(_ascii_lower(artist)) if p and p.strip()]
+    return normalize_artist(parts[0]) if parts else normalize_artist(artist)
+
+
+def song_keys(artist: str, title: str) -> list[str]:
+    """Keys under which two records count as the same song: full artist, then first credited artist."""
+    t = normalize_title(title)
+    if not t:
+        return []
+    keys = [f"{normalize_artist(artist)}|{t}"]
+    fa = f"{first_artist(artist)}|{t}"
+    if fa not in keys:
+        keys.append(fa)
+    return [k for k in keys if not k.startswith("|")]
+
+
+# -- reading sources ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Record:
+    title: str
+    artist: str
+    source: str
+    spotify_id: str | None = None
+    year: int | None = None
+    genre: str | None = None
+    popularity: float | None = None
+    features: dict | None = None  # name → value in Spotify units; absent names are missing
+    lyrics: str | None = None
+    lyrics_source: str | None = None
+
+
+def _year(value) -> int | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    match = re.match(r"(\d{4})", str(value))
+    if not match:
+        return None
+    year = int(match.group(1))
+    return year if 1900 <= year <= 2100 else None
+
+
+def _num(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def read_tidytuesday(path: Path) -> list[Record]:
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(".csv"))
+        table = pd.read_csv(archive.open(name), dtype={"track_id": str})
+    table = table.dropna(subset=["track_id", "track_name", "track_artist"])
+    # the same track appears under several playlists; keep its most common genre
+    genre = table.groupby("track_id")["playlist_genre"].agg(lambda s: Counter(s).most_common(1)[0][0])
+    table = table.drop_duplicates("track_id", keep="first")
+    records = []
+    for row in table.itertuples(index=False):
+        feats = {f: _num(getattr(row, f)) for f in FEATURES if f != "time_signature"}
+        records.append(Record(title=str(row.track_name), artist=str(row.track_artist), source="tidytuesday",
+                              spotify_id=row.track_id, year=_year(row.track_album_release_date),
+                              genre=str(genre[row.track_id]), popularity=_num(row.track_popularity),
+                              features={k: v for k, v in feats.items() if v is not None}))
+    return records
+
+
+def read_musicoset(folder: Path) -> list[Record]:
+    songs = pd.read_csv(folder / "songs.csv", sep="\t", dtype={"song_id": str})
+    feats = pd.read_csv(folder / "acoustic_features.csv", sep="\t", dtype={"song_id": str})
+    tracks = pd.read_csv(folder / "tracks.csv", sep="\t", dtype={"song_id": str})
+    table = songs.merge(feats, on="song_id", how="inner").merge(
+        tracks[["song_id", "release_date"]], on="song_id", how="left")
+    records = []
+    for row in table.itertuples(index=False):
+        try:
+            artists = ast.literal_eval(row.artists) if isinstance(row.artists, str) else {}
+            names = list(artists.values()) if isinstance(artists, dict) else []
+        except (ValueError, SyntaxError):
+            names = []
+        if not names:
+            try:
+                names = [ast.literal_eval(row.billboard)[1]]
+            except (ValueError, SyntaxError, IndexError, TypeError):
+                continue
+        values = {f: _num(getattr(row, f)) for f in FEATURES}
+        records.append(Record(title=str(row.song_name), artist=", ".join(str(n) for n in names), source="musicoset",
+                              spotify_id=row.song_id, year=_year(row.release_date),
+                              popularity=_num(row.popularity),
+                              features={k: v for k, v in values.items() if v is not None}))
+    return records
+
+
+def read_billboard_lyrics(path: Path) -> list[Record]:
+    table = pd.read_excel(path)
+    records = []
+    for row in table.itertuples(index=False):
+        lyrics = row.Lyrics if isinstance(row.Lyrics, str) else None
+        records.append(Record(title=str(row.Song).title(), artist=str(row.Artist).title(),
+                              source="billboard_lyrics", year=_year(row.Year), lyrics=lyrics,
+                              lyrics_source="billboard_lyrics"))
+    return records
+
+
+def read_tcc_ceds(path: Path) -> list[Record]:
+    table = pd.read_csv(path)
+    records = []
+    for row in table.itertuples(index=False):
+        # min-max scaled in the source; the 0-1 features keep their meaning, loudness (scaled dB) does not
+        feats = {f: _num(getattr(row, f)) for f in ("danceability", "acousticness", "instrumentalness",
+                                                    "valence", "energy")}
+        records.append(Record(title=str(row.track_name).title(), artist=str(row.artist_name).title(),
+                              source="tcc_ceds", year=_year(row.release_date), genre=str(row.genre),
+                              features={k: v for k, v in feats.items() if v is not None},
+                              lyrics=row.lyrics if isinstance(row.lyrics, str) else None, lyrics_source="tcc_ceds"))
+    return records
+
+
+_ALIASES = {
+    "title": ("title", "track_name", "song", "song_name", "name"),
+    "artist": ("artist", "track_artist", "artist_name", "artists"),
+    "spotify_id": ("spotify_id", "track_id", "id", "song_id"),
+    "year": ("year", "release_date", "track_album_release_date", "album_release_date"),
+    "genre": ("genre", "playlist_genre", "track_genre"),
+    "popularity": ("popularity", "track_popularity"),
+    "lyrics": ("lyrics", "lyric", "text"),
+}
+
+
+def records_from_table(table: pd.DataFrame, source: str) -> list[Record]:
+    """Any table with a title and artist column (names as in `_ALIASES`), optional features and lyrics."""
+    lowered = {c.lower(): c for c in table.columns}
+
+    def column(key):
+        return next((lowered[a] for a in _ALIASES[key] if a in lowered), None)
+
+    title_col, artist_col = column("title"), column("artist")
+    if not title_col or not artist_col:
+        raise SystemExit(f"{source}: needs a title column ({', '.join(_ALIASES['title'])}) and an artist column "
+                         f"({', '.join(_ALIASES['artist'])}); found {', '.join(table.columns)}")
+    cols = {k: column(k) for k in _ALIASES}
+    feature_cols = {f: lowered[f] for f in FEATURES if f in lowered}
+    records = []
+    for row in table.to_dict("records"):
+        spotify = row.get(cols["spotify_id"]) if cols["spotify_id"] else None
+        spotify = str(spotify) if isinstance(spotify, str) and re.fullmatch(r"[0-9A-Za-z]{22}", spotify) else None
+        feats = {f: _num(row[c]) for f, c in feature_cols.items()}
+        lyrics = row.get(cols["lyrics"]) if cols["lyrics"] else None
+        records.append(Record(title=str(row[title_col]), artist=str(row[artist_col]), source=source,
+                              spotify_id=spotify, year=_year(row.get(cols["year"])) if cols["year"] else None,
+                              genre=str(row[cols["genre"]]) if cols["genre"] and isinstance(row[cols["genre"]], str)
+                              else None,
+                              popularity=_num(row.get(cols["popularity"])) if cols["popularity"] else None,
+                              features={k: v for k, v in feats.items() if v is not None},
+                              lyrics=lyrics if isinstance(lyrics, str) else None,
+                              lyrics_source=source if isinstance(lyrics, str) else None))
+    return records
+
+
+def read_table_file(path: Path) -> list[Record]:
+    if path.suffix == ".parquet":
+        table = pd.read_parquet(path)
+    elif path.suffix in (".tsv", ".tab"):
+        table = pd.read_csv(path, sep="\t")
+    else:
+        table = pd.read_csv(path)
+    return records_from_table(table, source=path.stem)
+
+
+def read_hub_dataset(name: str, split: str) -> list[Record]:
+    from datasets import load_dataset
+
+    dataset = load_dataset(name, split=split)
+    return records_from_table(dataset.to_pandas(), source=name.replace("/", "__"))
+
+
+# -- merging ----------------------------------------------------------------------------------------------------
+
+SOURCE_PRIORITY = {"musicoset": 0, "tidytuesday": 1}  # whose features win when two records merge
+
+
+@dataclass
+class Song:
+    title: str
+    artist: str
+    spotify_id: str | None
+    year: int | None
+    genre: str | None
+    popularity: float | None
+    features: dict
+    feature_source_rank: int
+    sources: set
+    lyrics: str | None = None
+    lyrics_source: str | None = None
+
+
+def _rank(source: str) -> int:
+    return SOURCE_PRIORITY.get(source, 5 if source == "tcc_ceds" else 2)
+
+
+def merge_records(records: Iterable[Record]) -> list[Song]:
+    """De-duplicate: first by Spotify id, then by normalised artist + title (full, then first credited artist)."""
+    songs: list[Song] = []
+    by_spotify: dict[str, int] = {}
+    by_key: dict[str, int] = {}
+
+    def absorb(index: int, rec: Record) -> None:
+        song = songs[index]
+        song.sources.add(rec.source)
+        if rec.features:
+            full = len(rec.features) > len(song.features) or (
+                len(rec.features) == len(song.features) and _rank(rec.source) < song.feature_source_rank)
+            if full:
+                song.features = dict(rec.features)
+                song.feature_source_rank = _rank(rec.source)
+            else:
+                for k, v in rec.features.items():
+                    song.features.setdefault(k, v)
+        song.spotify_id = song.spotify_id or rec.spotify_id
+        song.year = min(y for y in (song.year, rec.year) if y) if (song.year or rec.year) else None
+        song.genre = song.genre or rec.genre
+        song.popularity = max(p for p in (song.popularity, rec.popularity) if p is not None) \
+            if (song.popularity is not None or rec.popularity is not None) else None
+        if rec.lyrics and (not song.lyrics or (rec.lyrics_source == "billboard_lyrics"
+                                               and song.lyrics_source != "billboard_lyrics")):
+            song.lyrics, song.lyrics_source = rec.lyrics, rec.lyrics_source
+
+    # records carrying Spotify ids first, so name-only records (lyrics tables) attach to them
+    ordered = sorted(records, key=lambda r: (r.spotify_id is None, _rank(r.source)))
+    for rec in ordered:
+        keys = song_keys(rec.artist, rec.title)
+        if not keys:
+            continue
+        index = by_spotify.get(rec.spotify_id) if rec.spotify_id else None
+        if index is None:
+            index = next((by_key[k] for k in keys if k in by_key), None)
+        if index is None:
+            songs.append(Song(title=rec.title.strip(), artist=rec.artist.strip(), spotify_id=rec.spotify_id,
+                              year=rec.year, genre=rec.genre, popularity=rec.popularity,
+                              features=dict(rec.features or {}), feature_source_rank=_rank(rec.source),
+                              sources={rec.source}, lyrics=rec.lyrics, lyrics_source=rec.lyrics_source))
+            index = len(songs) - 1
+        else:
+            absorb(index, rec)
+        if rec.spotify_id:
+            by_spotify.setdefault(rec.spotify_id, index)
+        for k in keys:
+            by_key.setdefault(k, index)
+    return songs
+
+
+# -- lyrics → passages, keywords ----------------------------------------------------------------------------------
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def lyric_words(text: str) -> list[str]:
+    return [w.strip("'") for w in _WORD.findall(_ascii_lower(text)) if w.strip("'")]
+
+
+def passages(text: str, size: int = PASSAGE_WORDS) -> list[str]:
+    """Stanza-sized windows of `size` words; a short tail joins the previous window; repeats (choruses) once."""
+    words = lyric_words(text)
+    if len(words) < MIN_LYRIC_WORDS:
+        return []
+    chunks = [words[i:i + size] for i in range(0, len(words), size)]
+    if len(chunks) > 1 and len(chunks[-1]) < size // 2:
+        chunks[-2].extend(chunks.pop())
+    seen, out = set(), []
+    for chunk in chunks:
+        joined = " ".join(chunk)
+        if joined not in seen:
+            seen.add(joined)
+            out.append(joined)
+    return out
+
+
+def keywords_by_song(lyrics: list[list[str]], limit: int = KEYWORDS_PER_SONG) -> list[list[str]]:
+    """Top TF-IDF words per song (no stop words, no slurs), ordered by score, never by position in the lyric."""
+    docs = [[w for w in words if len(w) >= 3 and w not in _STOPWORDS and w not in _BLOCKED and not w.isdigit()]
+            for words in lyrics]
+    df = Counter(w for doc in docs for w in set(doc))
+    n = max(1, len(docs))
+    out = []
+    for doc in docs:
+        tf = Counter(doc)
+        scored = sorted(tf, key=lambda w: (-(1 + math.log(tf[w])) * math.log((1 + n) / (1 + df[w])), w))
+        out.append(scored[:limit])
+    return out
+
+
+# -- build --------------------------------------------------------------------------------------------------------
+
+def _progress(message: str) -> None:
+    print(f"[build_index] {message}", flush=True)
+
+
+def impute_time_signature(features: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Missing time signatures take the catalog's most common one (4/4); the flag column says where."""
+    ts = features["time_signature"]
+    mode = float(ts.dropna().mode().iloc[0]) if ts.notna().any() else 4.0
+    imputed = ts.isna() & features.drop(columns=["time_signature"]).notna().all(axis=1)
+    return ts.where(~imputed, mode), imputed
+
+
+def build_songs_table(songs: list[Song]) -> tuple[pd.DataFrame, list[Song]]:
+    songs = sorted(songs, key=lambda s: (normalize_artist(s.artist), normalize_title(s.title), s.spotify_id or "",
+                                         s.title, s.artist))
+    rows = []
+    for i, s in enumerate(songs):
+        row = {"id": i, "title": s.title, "artist": s.artist, "year": s.year, "genre": s.genre or "",
+               "popularity": s.popularity, "spotify_id": s.spotify_id or "",
+               "sources": ",".join(sorted(s.sources))}
+        row.update({f: s.features.get(f) for f in FEATURES})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    for f in FEATURES:
+        table[f] = pd.to_numeric(table[f], errors="coerce").astype("float64")
+    table["time_signature"], table["time_signature_imputed"] = impute_time_signature(table[list(FEATURES)])
+    table["has_features"] = table[list(FEATURES)].notna().all(axis=1)
+    table["year"] = table["year"].astype("Int32")
+    table["popularity"] = pd.to_numeric(table["popularity"], errors="coerce").astype("float32")
+    table["id"] = table["id"].astype("int32")
+    return table, songs
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_parquet(table: pd.DataFrame, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.Table.from_pandas(table, preserve_index=False).replace_schema_metadata(None)
+    pq.write_table(arrow, path, compression="zstd", write_statistics=False, store_schema=False)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+# Query-like texts (captions and moods, as the app sends) used to measure chance-level lyric similarity.
+CALIBRATION_QUERIES = (
+    "a dog running on the beach at sunset", "a city street at night with neon lights", "a bowl of fruit on a table",
+    "children playing in a park", "snowy mountains under a blue sky", "an old man reading a newspaper",
+    "a crowded concert with colorful lights", "a cat sleeping on a sofa", "rain on a window, grey and quiet",
+    "a field of sunflowers in summer", "a busy kitchen in a restaurant", "two friends laughing over coffee",
+    "a lonely road through the desert", "fireworks over a river", "a wedding couple dancing",
+    "a foggy forest in the morning", "a skateboarder in an empty parking lot", "a sailboat on a calm lake",
+    "joyful, energetic, upbeat", "calm, peaceful, gentle", "sad, melancholic, slow", "tense, dark, dramatic",
+    "a birthday party with balloons", "a train station at rush hour", "waves crashing on rocks",
+    "a garden full of flowers and bees", "a soldier standing in the rain", "a family dinner at home",
+    "a neon sign in a dark alley", "an empty classroom with sunlight", "a horse galloping across a field",
+    "a couple walking hand in hand", "a storm over the ocean", "a lighthouse at dusk",
+)
+
+
+def lyric_calibration(vectors: np.ndarray, query_vectors: np.ndarray) -> dict:
+    """Chance level of query-to-passage similarity: mean and std of the cosine between query-like texts and all
+    passages (almost all of them unrelated to any one query). A score of 0.5 sits `center_sigmas` above chance."""
+    sims = (query_vectors.astype(np.float32) @ vectors.astype(np.float32).T).ravel()
+    mean, std = float(np.mean(sims)), float(np.std(sims))
+    sigmas = 2.5
+    return {"chance_mean": round(mean, 6), "chance_std": round(std, 6), "center_sigmas": sigmas,
+            "center": round(mean + sigmas * std, 6), "width": round(std, 6),
+            "rule": "score = sigmoid((0.7*best + 0.3*mean(top3) - center) / width)"}
+
+
+def build(args: argparse.Namespace) -> dict:
+    started = time.time()
+    data = Path(args.data_dir)
+    records: list[Record] = []
+    used_sources = []
+    if not args.no_default_sources:
+        readers = [("tidytuesday", data / "tidytuesday_spotify_songs.zip", read_tidytuesday),
+                   ("musicoset", data / "musicoset", read_musicoset),
+                   ("billboard_lyrics", data / "billboard_lyrics_1964-2015.xlsx", read_billboard_lyrics),
+                   ("tcc_ceds", data / "tcc_ceds_music_partial.csv", read_tcc_ceds)]
+        for name, path, reader in readers:
+            if not path.exists():
+                raise SystemExit(f"Missing source {path}. Pass --data-dir, or --no-default-sources with --table.")
+            part = reader(path)
+            _progress(f"read {name}: {len(part):,} rows")
+            records += part
+            used_sources.append({"name": name, "file": path.name, "rows": len(part), **SOURCE_CREDITS[name]})
+    for table_path in args.table or []:
+        part = read_table_file(Path(table_path))
+        _progress(f"read {table_path}: {len(part):,} rows")
+        records += part
+        used_sources.append({"name": Path(table_path).stem, "file": Path(table_path).name, "rows": len(part)})
+    if args.hub_dataset:
+        part = read_hub_dataset(args.hub_dataset, args.hub_split)
+        _progress(f"read Hub dataset {args.hub_dataset}: {len(part):,} rows")
+        records += part
+        used_sources.append({"name": args.hub_dataset, "file": f"hf://datasets/{args.hub_dataset}", "rows": len(part)})
+    if not records:
+        raise SystemExit("No input rows.")
+
+    songs = merge_records(records)
+    _progress(f"merged into {len(songs):,} unique songs")
+    if args.limit_songs:
+        # a small, deterministic slice for tests: songs with lyrics first, then the rest
+        rng = np.random.default_rng(0)
+        order = rng.permutation(len(songs))
+        with_lyrics = [songs[i] for i in order if songs[i].lyrics][: args.limit_songs // 4]
+        others = [songs[i] for i in order if not songs[i].lyrics][: args.limit_songs - len(with_lyrics)]
+        songs = with_lyrics + others
+    table, songs = build_songs_table(songs)
+
+    # lyrics → passages
+    passage_texts, passage_song, lyric_word_lists = [], [], {}
+    for i, song in enumerate(songs):
+        if not song.lyrics:
+            continue
+        parts = passages(song.lyrics)
+        if args.max_passages_per_song:
+            parts = parts[: args.max_passages_per_song]
+        if parts:
+            lyric_word_lists[i] = lyric_words(song.lyrics)
+            passage_texts += parts
+            passage_song += [i] * len(parts)
+    passage_song = np.asarray(passage_song, dtype=np.int32)
+    table["has_lyrics"] = False
+    table.loc[sorted(lyric_word_lists), "has_lyrics"] = True
+    _progress(f"{len(passage_texts):,} lyric passages from {len(lyric_word_lists):,} songs")
+
+    # keywords (derived words, never lyric text in order)
+    ids = sorted(lyric_word_lists)
+    keywords = dict(zip(ids, keywords_by_song([lyric_word_lists[i] for i in ids])))
+    table["keywords"] = [", ".join(keywords.get(i, [])) for i in range(len(table))]
+
+    # embeddings
+    from pipeline.artifacts import ArtifactSpec, resolve
+    from pipeline.embedder import SentenceEmbedder
+    from pipeline.settings import Settings
+
+    settings = Settings.from_env()
+    spec = ArtifactSpec("sentence embedder", settings.embedder_model, settings.revision_for("embedder"))
+    resolved = resolve(spec, token=settings.hf_token)
+    import torch
+
+    torch.manual_seed(0)
+    embedder = SentenceEmbedder(resolved.path, settings.embedder_model, settings.revision_for("embedder"))
+    _progress(f"embedding {len(passage_texts):,} passages with {settings.embedder_model} ({resolved.source}) ...")
+    t0 = time.time()
+    vectors = embedder.encode(passage_texts, batch_size=64, show_progress=not args.quiet)
+    # fp16 storage halves the index; it changes cosines by < 1e-3
+    vectors = vectors.astype(np.float16).astype(np.float32)
+    _progress(f"embedded in {time.time() - t0:.0f} s")
+    theme_names = list(THEMES)
+    theme_vectors = embedder.encode([THEMES[t] for t in theme_names])
+    calibration_vectors = embedder.encode(list(CALIBRATION_QUERIES))
+    del passage_texts
+
+    # per-song themes from the mean of its passages
+    themes_col = [""] * len(table)
+    if len(passage_song):
+        sums = np.zeros((len(table), vectors.shape[1]), dtype=np.float64)
+        np.add.at(sums, passage_song, vectors)
+        for i in ids:
+            mean = sums[i] / (np.linalg.norm(sums[i]) + 1e-12)
+            scores = theme_vectors @ mean.astype(np.float32)
+            themes_col[i] = ", ".join(theme_names[j] for j in np.argsort(-scores, kind="stable")[:3])
+    table["themes"] = themes_col
+
+    embedder_meta = {"model_id": settings.embedder_model, "revision": settings.revision_for("embedder"),
+                     "dimension": embedder.info.dimension, "fingerprint": embedder.fingerprint()}
+    manifest = write_catalog(Path(args.out), table, vectors, passage_song, theme_names, theme_vectors,
+                             embedder_meta, used_sources, calibration_vectors=calibration_vectors)
+    _progress(f"wrote {args.out} in {time.time() - started:.0f} s: {json.dumps(manifest['counts'])}")
+    return manifest
+
+
+def write_catalog(out: Path, table: pd.DataFrame, passage_vectors: np.ndarray, passage_song: np.ndarray,
+                  theme_names: list[str], theme_vectors: np.ndarray, embedder_meta: dict, sources: list[dict],
+                  *, calibration_vectors: np.ndarray | None = None, feature_space: FeatureSpace | None = None) -> dict:
+    """Write the catalog files and their manifest. Also used by the benchmark to write synthetic catalogs."""
+    table = table[SONG_COLUMNS]
+    with_features = table[table["has_features"]]
+    feature_matrix = with_features[list(FEATURES)].to_numpy(dtype=np.float64)
+    space = feature_space or FeatureSpace.fit(feature_matrix)
+    feature_vectors = space.transform(feature_matrix)
+    feature_ids = with_features["id"].to_numpy(dtype=np.int32)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*"):
+        if stale.is_file() and stale.name != "README.md":
+            stale.unlink()
+    _write_parquet(table, out / "songs.parquet")
+    (out / "feature_song_ids.npy").write_bytes(_npy_bytes(feature_ids))
+    vector_index.save(vector_index.build(feature_vectors, "l2"), out / "features.faiss")
+    (out / "passage_song_ids.npy").write_bytes(_npy_bytes(np.asarray(passage_song, dtype=np.int32)))
+    vector_index.save(vector_index.build(passage_vectors, "ip", storage="fp16"), out / "lyrics.faiss")
+    (out / "themes.npy").write_bytes(_npy_bytes(np.asarray(theme_vectors, dtype=np.float32)))
+
+    counts = {"songs": int(len(table)), "with_features": int(table["has_features"].sum()),
+              "with_lyrics": int(table["has_lyrics"].sum()),
+              "with_both": int((table["has_features"] & table["has_lyrics"]).sum()),
+              "passages": int(len(passage_song)),
+              "time_signature_imputed": int(table["time_signature_imputed"].sum())}
+    files = {}
+    for path in sorted(out.glob("*")):
+        if path.is_file() and path.name not in ("manifest.json", "README.md"):
+            files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "builder": f"scripts/build_index.py {BUILDER_VERSION}",
+        "counts": counts,
+        "embedder": embedder_meta,
+        "feature_space": space.to_json(),
+        "lyrics": {"passage_words": PASSAGE_WORDS, "min_words": MIN_LYRIC_WORDS, "storage": "fp16",
+                   "calibration": (lyric_calibration(passage_vectors, calibration_vectors)
+                                   if len(passage_song) and calibration_vectors is not None else None)},
+        "themes": list(theme_names),
+        "files": files,
+        "sources": sources,
+        "notice": "No lyric text is stored: only passage embeddings, per-song keywords and themes.",
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="folder of the raw tables (SOURCES.md)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "index"), help="output folder")
+    parser.add_argument("--table", action="append", help="extra CSV/TSV/parquet table of songs (repeatable)")
+    parser.add_argument("--hub-dataset", help="a Hub dataset of songs, read with datasets.load_dataset")
+    parser.add_argument("--hub-split", default="train")
+    parser.add_argument("--no-default-sources", action="store_true", help="skip the four tables of --data-dir")
+    parser.add_argument("--limit-songs", type=int, default=0, help="keep a deterministic slice (for tests)")
+    parser.add_argument("--max-passages-per-song", type=int, default=0, help="cap passages per song (for tests)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    build(parse_args())
