@@ -1,0 +1,1 @@
+"""Offline jobs: build the catalog, train the mood head, benchmarks."""

@@ -1,0 +1,133 @@
+"""Shared fixtures: tiny demo models, a small catalog slice, a ready pipeline and a running app.
+
+Everything runs offline: the Hub is never contacted (HF_HUB_OFFLINE=1) and gradio sends no analytics.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = ROOT.parent / "shared" / "data"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("i2m-cache")
+
+
+@pytest.fixture(scope="session")
+def demo_paths(cache_dir):
+    from pipeline.demo_models import ensure_demo_models
+
+    return ensure_demo_models(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def small_index(tmp_path_factory) -> Path:
+    """A catalog built by the real build script from a deterministic slice of ../shared/data."""
+    if not DATA_DIR.is_dir():
+        pytest.skip("../shared/data is not available")
+    from scripts import build_index
+
+    out = tmp_path_factory.mktemp("index")
+    build_index.build(build_index.parse_args(["--out", str(out), "--limit-songs", "600",
+                                              "--max-passages-per-song", "3", "--quiet"]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from pipeline.artifacts import MINILM_ID, ArtifactSpec, resolve
+    from pipeline.embedder import SentenceEmbedder
+    from pipeline.settings import EMBEDDER_REVISIONS
+
+    spec = ArtifactSpec("sentence embedder", MINILM_ID, EMBEDDER_REVISIONS[MINILM_ID])
+    return SentenceEmbedder(resolve(spec).path, MINILM_ID, EMBEDDER_REVISIONS[MINILM_ID])
+
+
+@pytest.fixture(scope="session")
+def catalog(small_index, embedder):
+    from pipeline.catalog import Catalog
+
+    cat = Catalog.load(small_index)
+    cat.attach_embedder(embedder)
+    return cat
+
+
+@pytest.fixture(scope="session")
+def settings(cache_dir, small_index):
+    from pipeline.settings import Settings
+
+    return Settings.from_env({}, demo=True, cache_dir=str(cache_dir), index_dir=str(small_index),
+                             analyze_cache_size=64, load_wait_s=120.0, queue_size=12)
+
+
+@pytest.fixture(scope="session")
+def pipeline(settings):
+    from pipeline.core import get_pipeline
+
+    pipe = get_pipeline(settings)
+    assert pipe.wait_until_ready(300), pipe.status()
+    failed = [s for s in pipe.status() if s.state != "ready"]
+    assert not failed, failed
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def live_app(settings, pipeline):
+    """The real app (app.build_app) served on a free localhost port for the whole session."""
+    import app as app_module
+
+    demo = app_module.build_app(settings)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                max_file_size=f"{settings.max_upload_mb:g}mb", **app_module.LAUNCH_OPTIONS)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 60
+    import urllib.request
+
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="session")
+def client(live_app):
+    from gradio_client import Client
+
+    return Client(live_app, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS

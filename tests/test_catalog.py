@@ -1,0 +1,292 @@
+import json
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import recommend
+from pipeline.catalog import Catalog, spotify_url
+from pipeline.errors import IndexIntegrityError, InputError
+from pipeline.features import FEATURES, SPACE_SOURCE, FeatureSpace
+from scripts import build_index as b
+
+
+def _table(catalog):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(catalog.path / "songs.parquet").to_pandas()
+
+
+# -- the feature transform ----------------------------------------------------------------------------------------
+
+def test_no_single_feature_dominates_the_distance(catalog):
+    songs = _table(catalog)
+    x = songs[songs.has_features][list(FEATURES)].to_numpy(dtype=float)
+    rng = np.random.default_rng(0)
+    a, c = rng.integers(0, len(x), (2, 3000))
+    vectors = catalog.space.transform(x)
+    share = np.mean((vectors[a] - vectors[c]) ** 2, axis=0)
+    per_feature = {f: share[[i for i, s in enumerate(SPACE_SOURCE) if s == f]].sum() / share.sum() for f in FEATURES}
+    assert max(per_feature.values()) < 0.3, per_feature
+    raw = np.mean((x[a] - x[c]) ** 2, axis=0)
+    assert raw[FEATURES.index("duration_ms")] / raw.sum() > 0.99  # what the transform protects against
+
+
+def test_bounds_and_the_circle_of_fifths():
+    space = FeatureSpace(mean=np.zeros(14), std=np.ones(14), tau=1.0)
+    base = dict(zip(FEATURES, [0.5, 0.5, 0, -8, 1, 0.05, 0.2, 0.0, 0.1, 0.5, 120, 200000, 4]))
+
+    def vec(**changes):
+        return space.transform(np.array([[{**base, **changes}[f] for f in FEATURES]]))[0]
+
+    assert np.allclose(vec(tempo=300), vec(tempo=200)) and np.allclose(vec(loudness=-60), vec(loudness=-30))
+    assert np.allclose(vec(duration_ms=2_000_000), vec(duration_ms=600_000))
+    c, g, c_sharp = vec(key=0), vec(key=7), vec(key=1)
+    assert np.linalg.norm(c - g) < np.linalg.norm(c - c_sharp)
+
+
+def test_feature_search_matches_brute_force_and_scores_are_ordered(catalog):
+    songs = _table(catalog)
+    with_features = songs[songs.has_features]
+    query = with_features.iloc[5][list(FEATURES)].to_dict()
+    matches = catalog.search_features(query, k=10)
+    vectors = catalog.space.transform(with_features[list(FEATURES)].to_numpy(dtype=float))
+    target = catalog.space.transform(np.array([[query[f] for f in FEATURES]]))[0]
+    brute = with_features["id"].to_numpy()[np.argsort(np.sum((vectors - target) ** 2, axis=1), kind="stable")[:10]]
+    assert [m.song_id for m in matches] == brute.tolist()
+    assert matches[0].song_id == int(with_features.iloc[5]["id"]) and matches[0].score == pytest.approx(1.0)
+    scores = [m.score for m in matches]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    assert matches[0].why.startswith("close on")
+    assert set(matches[0].features) == set(FEATURES)
+
+
+def test_vector_and_mapping_queries_agree_and_exclusions_apply(catalog):
+    songs = _table(catalog)
+    row = songs[songs.has_features].iloc[3]
+    as_map = catalog.search_features(row[list(FEATURES)].to_dict(), k=5)
+    as_vec = catalog.search_features(row[list(FEATURES)].to_numpy(dtype=float), k=5)
+    assert [m.song_id for m in as_map] == [m.song_id for m in as_vec]
+    excluded = catalog.search_features(row[list(FEATURES)].to_dict(), k=5, exclude_ids=[as_map[0].song_id])
+    assert as_map[0].song_id not in [m.song_id for m in excluded] and len(excluded) == 5
+
+
+def test_partial_queries_compare_only_the_given_features(catalog):
+    matches = catalog.search_features({"valence": 0.95, "energy": 0.9}, k=8)
+    assert len(matches) == 8
+    for m in matches:
+        assert abs(m.features["valence"] - 0.95) < 0.25 and abs(m.features["energy"] - 0.9) < 0.25
+
+
+@pytest.mark.parametrize("bad", [{"valence": 3.0}, {"colour": 1.0}, {}, [0.1] * 12, {"tempo": "fast"}])
+def test_bad_feature_queries_get_clear_messages(catalog, bad):
+    with pytest.raises(InputError):
+        catalog.search_features(bad)
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, "ten", 10_000, float("nan")])
+def test_k_out_of_range_is_refused(catalog, k):
+    with pytest.raises(InputError):
+        catalog.search_features({"valence": 0.5}, k=k)
+
+
+# -- lyrics ------------------------------------------------------------------------------------------------------
+
+def test_calibration_rewards_strong_matches_and_penalises_weak_ones():
+    cal = {"center": 0.3, "width": 0.08}
+    weak = recommend.calibrated_song_score([0.08, 0.07, 0.05], None, cal)
+    middle = recommend.calibrated_song_score([0.3, 0.3, 0.3], None, cal)
+    strong = recommend.calibrated_song_score([0.62, 0.55, 0.5], None, cal)
+    assert weak < 0.1 < 0.45 < middle < 0.55 < 0.9 < strong <= 1.0
+    # one strong stanza is not drowned by filler (the seed's mean-of-100-lines rule would be)
+    assert recommend.calibrated_song_score([0.6, 0.1, 0.1], None, cal) > \
+        recommend.calibrated_song_score([0.35, 0.35, 0.35], None, cal)
+    # more supporting passages help
+    assert recommend.calibrated_song_score([0.5, 0.45, 0.45], None, cal) > \
+        recommend.calibrated_song_score([0.5, 0.1], 0.1, cal)
+
+
+def test_passages_are_grouped_per_song():
+    ranked = recommend.aggregate_passages(np.array([3, 3, 7, 9]), np.array([0.6, 0.55, 0.59, 0.2]),
+                                          {"center": 0.3, "width": 0.08})
+    assert [song for song, _ in ranked] == [3, 7, 9]
+
+
+def test_a_lyric_passage_finds_its_own_song(catalog):
+    songs = _table(catalog)
+    raw = pd.read_excel(b.DEFAULT_DATA_DIR / "billboard_lyrics_1964-2015.xlsx")
+    keyed = {k: row.Lyrics for row in raw.itertuples() if isinstance(row.Lyrics, str)
+             for k in b.song_keys(row.Artist, row.Song)}
+    for row in songs[songs.has_lyrics].itertuples():
+        lyric = next((keyed[k] for k in b.song_keys(row.artist, row.title) if k in keyed), None)
+        if lyric and len(b.passages(lyric)) >= 2:
+            break
+    else:
+        pytest.skip("no Billboard song in the slice")
+    query = b.passages(lyric)[0]
+    matches = catalog.search_lyrics(query, k=5)
+    assert matches[0].song_id == row.id and matches[0].score > 0.9
+    assert matches[0].why.startswith("themes:")
+    assert all(0 <= m.score <= 1 for m in matches)
+
+
+def test_unrelated_text_scores_low(catalog):
+    matches = catalog.search_lyrics("quarterly tax accounting spreadsheet for the municipal budget", k=5)
+    assert matches and max(m.score for m in matches) < 0.5
+
+
+def test_empty_lyric_query_is_refused(catalog):
+    with pytest.raises(InputError):
+        catalog.search_lyrics("   ")
+
+
+# -- fusion --------------------------------------------------------------------------------------------------------
+
+def test_reciprocal_rank_fusion():
+    fused = recommend.fuse({"features": {1: 0.9, 2: 0.8, 3: 0.7}, "lyrics": {3: 0.95, 4: 0.9}})
+    assert fused[0][0] == 3 and fused[0][2] == {"features": 3, "lyrics": 1}
+    assert fused[0][1] == pytest.approx((1 / 63 + 1 / 61) / (2 / 61))
+    assert all(0 <= score <= 1 for _, score, _ in fused)
+
+
+def test_fused_list_explains_both_ranks(catalog):
+    songs = _table(catalog)
+    both = songs[songs.has_features & songs.has_lyrics].iloc[0]
+    fused = catalog.search_fused(both[list(FEATURES)].to_dict(), f"{both.themes}, {both.keywords}", k=10)
+    assert len(fused) == 10
+    assert any("by features" in m.why and "by lyrics" in m.why for m in fused)
+    assert [m.score for m in fused] == sorted((m.score for m in fused), reverse=True)
+
+
+def test_spotify_links_and_counts(catalog):
+    assert spotify_url("4cjHy6TwppuNZ05yrP8Fic") == "https://open.spotify.com/track/4cjHy6TwppuNZ05yrP8Fic"
+    assert spotify_url("") == ""
+    songs = _table(catalog)
+    assert catalog.counts == {"songs": len(songs), "with_features": int(songs.has_features.sum()),
+                              "with_lyrics": int(songs.has_lyrics.sum()),
+                              "with_both": int((songs.has_features & songs.has_lyrics).sum())}
+
+
+# -- integrity -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def index_copy(small_index, tmp_path):
+    target = tmp_path / "index"
+    shutil.copytree(small_index, target)
+    return target
+
+
+@pytest.mark.parametrize("name", ["songs.parquet", "lyrics.faiss", "features.faiss", "passage_song_ids.npy"])
+def test_a_tampered_file_is_refused_by_name(index_copy, name):
+    path = index_copy / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexIntegrityError, match=name):
+        Catalog.load(index_copy)
+
+
+def test_a_truncated_file_is_refused(index_copy):
+    path = index_copy / "lyrics.faiss"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(IndexIntegrityError, match="lyrics.faiss"):
+        Catalog.load(index_copy)
+
+
+def test_a_missing_manifest_or_schema_mismatch_is_refused(index_copy):
+    manifest = json.loads((index_copy / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (index_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexIntegrityError, match="schema version"):
+        Catalog.load(index_copy)
+    (index_copy / "manifest.json").unlink()
+    with pytest.raises(IndexIntegrityError, match="manifest.json"):
+        Catalog.load(index_copy)
+
+
+def test_a_different_embedder_is_refused(small_index):
+    class OtherEmbedder:
+        def fingerprint(self):
+            rng = np.random.default_rng(1)
+            return (rng.normal(size=(3, 384)) / math.sqrt(384)).tolist()
+
+    catalog = Catalog.load(small_index)
+    with pytest.raises(IndexIntegrityError, match="does not match"):
+        catalog.attach_embedder(OtherEmbedder())
+
+
+# -- building ------------------------------------------------------------------------------------------------------
+
+def test_normalisation_for_deduplication():
+    assert b.normalize_title("Hey Jude - Remastered 2009") == b.normalize_title("Hey Jude")
+    assert b.normalize_title("Crazy (feat. Someone) [Live]") == "crazy"
+    assert b.normalize_artist("The Beatles") == b.normalize_artist("Beatles")
+    assert b.normalize_artist("Beyoncé") == "beyonce"
+    assert b.normalize_artist("Simon & Garfunkel") == b.normalize_artist("Simon and Garfunkel")
+    assert b.first_artist("Calvin Harris, Rihanna") == "calvinharris"
+    assert b.first_artist("Jay-Z featuring Alicia Keys") == "jayz"
+
+
+def test_records_merge_by_spotify_id_then_by_name():
+    sid = "4cjHy6TwppuNZ05yrP8Fic"
+    full = {f: 0.5 for f in FEATURES}
+    records = [
+        b.Record("Hey Jude - Remastered", "The Beatles", "tidytuesday", spotify_id=sid, genre="rock",
+                 features={k: v for k, v in full.items() if k != "time_signature"}),
+        b.Record("Hey Jude", "Beatles", "musicoset", spotify_id=sid, features=full, popularity=80),
+        b.Record("hey jude", "the beatles", "billboard_lyrics", lyrics="na na na " * 20, lyrics_source="billboard_lyrics"),
+        b.Record("Umbrella", "Rihanna featuring Jay-Z", "billboard_lyrics", lyrics="ella " * 30,
+                 lyrics_source="billboard_lyrics"),
+        b.Record("Umbrella", "Rihanna, JAY-Z", "tidytuesday", spotify_id="2" * 22, features=full),
+        b.Record("Different Song", "The Beatles", "tidytuesday", spotify_id="3" * 22, features=full),
+    ]
+    songs = b.merge_records(records)
+    assert len(songs) == 3
+    jude = next(s for s in songs if s.spotify_id == sid)
+    assert jude.sources == {"tidytuesday", "musicoset", "billboard_lyrics"} and jude.lyrics
+    assert jude.features.get("time_signature") == 0.5 and jude.genre == "rock" and jude.popularity == 80
+    umbrella = next(s for s in songs if s.spotify_id == "2" * 22)
+    assert umbrella.lyrics and umbrella.sources == {"tidytuesday", "billboard_lyrics"}
+
+
+def test_missing_time_signature_is_imputed_and_flagged():
+    frame = pd.DataFrame([{**{f: 0.5 for f in FEATURES}, "time_signature": 3.0},
+                          {**{f: 0.5 for f in FEATURES}, "time_signature": 4.0},
+                          {**{f: 0.5 for f in FEATURES}, "time_signature": 4.0},
+                          {**{f: 0.5 for f in FEATURES}, "time_signature": None}])
+    values, flags = b.impute_time_signature(frame)
+    assert values.tolist() == [3.0, 4.0, 4.0, 4.0] and flags.tolist() == [False, False, False, True]
+
+
+def test_passages_and_keywords_carry_no_running_text():
+    lyric = ("hold me close tonight " * 3 + "chorus " + "we dance until the morning light " * 4).strip()
+    parts = b.passages(lyric)
+    assert parts and all(len(p.split()) <= b.PASSAGE_WORDS * 1.5 for p in parts)
+    assert len(parts) == len(set(parts))
+    keywords = b.keywords_by_song([b.lyric_words(lyric), b.lyric_words("the quick brown fox " * 10)])[0]
+    assert "chorus" not in keywords and "the" not in keywords and len(keywords) <= b.KEYWORDS_PER_SONG
+    assert b.passages("too short") == []
+
+
+def test_build_is_deterministic(tmp_path):
+    args = ["--limit-songs", "120", "--max-passages-per-song", "2", "--quiet"]
+    b.build(b.parse_args(["--out", str(tmp_path / "a"), *args]))
+    b.build(b.parse_args(["--out", str(tmp_path / "b"), *args]))
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_an_extra_table_can_be_added(tmp_path):
+    table = tmp_path / "my_songs.csv"
+    features = dict(zip(FEATURES, [0.6, 0.7, 5, -7.5, 1, 0.04, 0.2, 0.0, 0.1, 0.8, 118.0, 201000, 4]))
+    pd.DataFrame([{"track_name": "Brand New Tune", "track_artist": "Nobody Famous", "track_id": "5" * 22,
+                   **features, "lyrics": "a brand new tune about rivers and rain " * 6}]).to_csv(table, index=False)
+    b.build(b.parse_args(["--out", str(tmp_path / "idx"), "--no-default-sources", "--table", str(table), "--quiet"]))
+    catalog = Catalog.load(tmp_path / "idx")
+    assert catalog.counts == {"songs": 1, "with_features": 1, "with_lyrics": 1, "with_both": 1}
+    match = catalog.search_features(features, k=1)[0]
+    assert match.title == "Brand New Tune" and match.spotify_id == "5" * 22 and match.features["tempo"] == 118.0

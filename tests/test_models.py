@@ -1,0 +1,269 @@
+import copy
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.errors import Cancelled, InputError
+from pipeline.features import FEATURES, RANGES
+from pipeline.mood import EMOTIONS, MoodResult, emotion_of
+from pipeline.prompt import build_prompt, clean_user_prompt, genre_for
+from tests import images
+
+
+# -- caption ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("maker", [images.grayscale_png, images.rgba_png, images.cmyk_jpeg, images.huge_legal_jpeg,
+                                   lambda: images.encoded(Image.new("RGB", (1, 1)), "PNG")])
+def test_captions_for_odd_images(pipeline, tmp_path, maker):
+    path = tmp_path / "odd.img"
+    path.write_bytes(maker())
+    caption = pipeline.caption(str(path))
+    assert isinstance(caption, str) and caption == caption.strip()
+
+
+def test_captions_batch_and_prefix(pipeline):
+    captioner = pipeline._get("caption model")
+    batch = captioner.caption([images.photo(seed=1), images.photo(seed=2)])
+    assert len(batch) == 2
+    single = captioner.caption([images.photo(seed=1)])
+    assert single[0] == batch[0]
+    assert captioner.caption([images.photo()], prefix="a photo of")[0].lower().startswith("a photo of")
+
+
+# -- mood --------------------------------------------------------------------------------------------------------------
+
+def test_mood_features_stay_in_spotify_ranges(pipeline):
+    for seed in range(3):
+        mood = pipeline.mood(images.photo(seed=seed))
+        assert set(mood.features) == set(FEATURES)
+        for name, value in mood.features.items():
+            lo, hi = RANGES[name]
+            assert lo <= value <= hi, (name, value)
+        assert mood.features["key"] == int(mood.features["key"]) and mood.emotion in EMOTIONS
+        assert 0 < mood.confidence <= 1 and abs(sum(mood.emotion_scores.values()) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("valence, energy, expected", [
+    (0.9, 0.9, "excitement"), (0.8, 0.55, "amusement"), (0.7, 0.2, "contentment"),
+    (0.2, 0.9, "anger"), (0.2, 0.55, "fear"), (0.15, 0.15, "sadness")])
+def test_emotion_from_valence_and_energy(valence, energy, expected):
+    emotion, confidence, scores = emotion_of(valence, energy)
+    assert emotion == expected and confidence == max(scores.values())
+
+
+def test_confidence_drops_between_prototypes():
+    assert emotion_of(0.8, 0.85)[1] > emotion_of(0.5, 0.55)[1]
+
+
+def test_zero_shot_key_follows_the_photo_colour():
+    from pipeline.mood import dominant_hue_key
+
+    assert dominant_hue_key(Image.new("RGB", (20, 20), (230, 20, 20))) == 0  # red → C
+    assert dominant_hue_key(Image.new("RGB", (20, 20), (20, 200, 30))) == 9  # green → A
+    assert dominant_hue_key(Image.new("RGB", (20, 20), (128, 128, 128))) == 0  # grey → C
+
+
+def test_fast_mlp_train_save_load_round_trip(demo_paths, tmp_path):
+    import pandas as pd
+
+    from pipeline.mood import FastMLPMood
+    from scripts import train_mood
+
+    rng = np.random.default_rng(0)
+    rows = []
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(48):
+        brightness = rng.random()
+        colour = (int(255 * brightness), int(200 * rng.random()), int(255 * (1 - brightness)))
+        Image.new("RGB", (32, 32), colour).save(folder / f"{i}.png")
+        feats = dict(zip(FEATURES, [0.5, 0.3 + 0.6 * brightness, rng.integers(0, 12), -20 + 12 * brightness, 1, 0.05,
+                                    0.5, 0.1, 0.1, 0.1 + 0.8 * brightness, 80 + 80 * brightness, 200000, 4]))
+        rows.append({"image": f"{i}.png", **feats})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    out = tmp_path / "head"
+    metrics = train_mood.main(["--images", str(folder), "--csv", str(tmp_path / "labels.csv"), "--clip-model",
+                               str(demo_paths.clip), "--out", str(out), "--epochs", "30", "--no-catalog"])
+    assert set(metrics["mse_standardised"]) == set(FEATURES) and 0 <= metrics["emotion_accuracy"] <= 1
+    assert (out / "metrics.json").is_file() and "FastMLP" in (out / "README.md").read_text()
+
+    head = FastMLPMood(out / "mood_mlp.safetensors")
+    embeddings = train_mood.embed([Image.open(folder / "0.png").convert("RGB")], demo_paths.clip)
+    first = head.predict(embeddings, [None])[0]
+    second = FastMLPMood(out / "mood_mlp.safetensors").predict(embeddings, [None])[0]
+    assert first == second and first.predictor == "mlp"
+    assert set(first.features) == set(FEATURES)
+
+
+def test_p_at_10_metric_uses_the_catalog(catalog):
+    from scripts import train_mood
+
+    class Echo(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :13]
+
+    targets = np.array([[0.5, 0.9, 5, -5, 1, 0.05, 0.1, 0.0, 0.1, 0.9, 125, 210000, 4]] * 4, dtype=float)
+    mean, std = np.zeros(13), np.ones(13)
+    embeddings = np.concatenate([targets, np.zeros((4, 499))], axis=1)
+    metrics = train_mood.evaluate(Echo(), embeddings, targets, mean, std, np.arange(4), catalog)
+    assert metrics["emotion_accuracy"] == 1.0 and metrics["precision_at_10_emotion"] > 0.5
+
+
+# -- prompt ------------------------------------------------------------------------------------------------------------
+
+MOOD = MoodResult(features=dict(zip(FEATURES, [0.8, 0.85, 7, -5, 1, 0.05, 0.1, 0.0, 0.1, 0.9, 128, 215000, 4])),
+                  emotion="excitement", confidence=0.7)
+
+
+def test_prompt_carries_genre_mood_instruments_tempo_and_key():
+    prompt = build_prompt("A dog running on a beach", MOOD)
+    assert prompt.text.startswith(f"{genre_for(MOOD.features)} track")
+    assert "128 BPM" in prompt.text and "G major" in prompt.text and "exhilarating" in prompt.text
+    assert "inspired by a dog running on a beach" in prompt.text
+    assert build_prompt("A dog running on a beach", MOOD) == prompt
+
+
+def test_prompt_genre_choice_and_extra_words():
+    prompt = build_prompt("city at night", MOOD, genre="jazz", extra="with a saxophone solo")
+    assert prompt.text.startswith("jazz track") and "saxophone solo" in prompt.text and prompt.genre == "jazz"
+
+
+def test_prompt_is_bounded_and_keeps_the_music():
+    prompt = build_prompt("word " * 500, MOOD, max_chars=200)
+    assert len(prompt.text) <= 200 and prompt.truncated and "BPM" in prompt.text
+
+
+def test_user_prompts_are_cleaned_and_cut():
+    assert clean_user_prompt("  piano\x00\x07 and\n\tstrings 🎻 ", 100) == ("piano and strings 🎻", False)
+    text, cut = clean_user_prompt("x" * 50 + " y" * 100, 60)
+    assert cut and len(text) <= 60
+
+
+# -- music -------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def generator(pipeline):
+    return pipeline._get("music model")
+
+
+def test_same_seed_same_audio_other_seed_different(pipeline):
+    a = pipeline.generate("calm piano", 1.0, seed=5, write=False)
+    b = pipeline.generate("calm piano", 1.0, seed=5, write=False)
+    c = pipeline.generate("calm piano", 1.0, seed=6, write=False)
+    assert np.array_equal(a.codes, b.codes) and np.array_equal(a.samples, b.samples)
+    assert not np.array_equal(a.codes, c.codes) and not np.array_equal(a.samples, c.samples)
+
+
+def test_stream_equals_batch(pipeline):
+    full = pipeline.generate("upbeat pop", 2.5, seed=11, write=False)
+    chunks = list(pipeline.stream("upbeat pop", 2.5, seed=11))
+    assert all(c.samples.shape[0] <= full.sample_rate * pipeline.settings.stream_chunk_s for c in chunks)
+    assert chunks[0].samples.shape[0] == int(full.sample_rate * pipeline.settings.first_chunk_s)
+    assert [c.is_last for c in chunks].count(True) == 1 and chunks[-1].is_last
+    streamed = np.concatenate([c.samples for c in chunks])
+    assert streamed.shape == full.samples.shape
+    assert np.max(np.abs(streamed - full.samples)) < 1e-5
+
+
+@pytest.mark.parametrize("seconds", [1.0, 2.3, 4.0])
+def test_duration_is_accurate_to_a_frame(pipeline, seconds):
+    music = pipeline.generate("ambient", seconds, seed=1, write=False)
+    frame = music.sample_rate / 50
+    assert abs(music.samples.shape[0] - seconds * music.sample_rate) <= frame
+
+
+def test_output_is_loudness_normalised_and_written_per_request(pipeline):
+    a = pipeline.generate("rock", 1.5, seed=2)
+    b = pipeline.generate("rock", 1.5, seed=2)
+    assert a.wav_path != b.wav_path and a.wav_path.is_file() and b.wav_path.is_file()
+    assert np.max(np.abs(a.samples)) < 1.0
+    rms_db = 20 * np.log10(np.sqrt(np.mean(a.samples[8000:] ** 2)) + 1e-12)
+    assert -30 < rms_db < -8
+    import soundfile as sf
+
+    data, rate = sf.read(a.wav_path)
+    assert rate == 32000 and len(data) == len(a.samples)
+
+
+def test_a_stream_can_be_cancelled(pipeline):
+    cancel = threading.Event()
+    stream = pipeline.stream("long piece", 6.0, seed=3, cancel=cancel)
+    next(stream)
+    cancel.set()
+    with pytest.raises(Cancelled):
+        list(stream)
+    assert len(pipeline.generate("after cancel", 1.0, seed=3, write=False).samples) == 32000
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"duration_s": 0}, "duration_s"), ({"duration_s": 400}, "duration_s"), ({"duration_s": float("nan")}, "finite"),
+    ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"), ({"seed": "abc"}, "seed"), ({"temperature": 0}, "temperature"),
+    ({"top_k": -3}, "top_k"), ({"top_p": 1.5}, "top_p"), ({"guidance_scale": 0.5}, "guidance_scale")])
+def test_bad_music_parameters_are_refused(pipeline, kwargs, message):
+    args = {"prompt": "piano", "duration_s": 2.0, "seed": 1, **kwargs}
+    with pytest.raises(InputError, match=message):
+        pipeline.generate(args.pop("prompt"), args.pop("duration_s"), args.pop("seed"), **args)
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\x00\x01"])
+def test_empty_prompts_are_refused(pipeline, prompt):
+    with pytest.raises(InputError, match="empty"):
+        pipeline.generate(prompt, 1.0, 0)
+
+
+def test_reference_backend_streams_through_the_per_step_hook(demo_paths):
+    from pipeline.musicgen import MusicGenerator, MusicRequest
+
+    reference = MusicGenerator(demo_paths.music, decoder="reference")
+    request = MusicRequest("jazz", 1.5, seed=4)
+    full = reference.generate(request, write=False)
+    streamed = np.concatenate([c.samples for c in reference.stream(request)])
+    assert np.max(np.abs(streamed - full.samples)) < 1e-5
+    assert full.codes.shape == (4, 75)
+
+
+# -- the fast decoder's quality guard --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("weights, floor", [("fp32", 0.999999), ("bf16", 0.999), ("int8", 0.995), ("int4", 0.99)])
+def test_fast_decoder_logits_match_the_reference_under_teacher_forcing(demo_paths, cache_dir, weights, floor):
+    from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
+
+    from pipeline.fast_decoder import FastMusicgenDecoder
+
+    reference = MusicgenForConditionalGeneration.from_pretrained(demo_paths.music).eval()
+    processor = MusicgenProcessor.from_pretrained(demo_paths.music)
+    inputs = processor(text=["a calm piano track"], return_tensors="pt")
+    k, length = 4, 24
+    tokens = torch.randint(0, 64, (1, k, length), generator=torch.Generator().manual_seed(0))
+    tokens[:, :, 0] = 64
+    with torch.no_grad():
+        encoded = reference.text_encoder(**inputs).last_hidden_state
+        expected = reference(encoder_outputs=(torch.cat([encoded, torch.zeros_like(encoded)]),),
+                             attention_mask=torch.cat([inputs.attention_mask, torch.zeros_like(inputs.attention_mask)]),
+                             decoder_input_ids=torch.cat([tokens, tokens]).reshape(2 * k, length)).logits
+    expected = expected.reshape(2, k, length, -1).permute(0, 2, 1, 3)
+    fast = FastMusicgenDecoder(copy.deepcopy(reference), weights=weights, cache_dir=str(cache_dir), keep_reference=True)
+    got = fast.teacher_forced_logits(inputs.input_ids, inputs.attention_mask, tokens)
+    cosine = torch.nn.functional.cosine_similarity(got.flatten().double(), expected.flatten().double(), dim=0)
+    assert cosine >= floor, (weights, fast.format, float(cosine))
+
+
+def test_native_int4_kernel_matches_its_dequantized_weights(cache_dir):
+    from pipeline.native_kernels import PackedInt4, load_kernel
+
+    kernel = load_kernel(str(cache_dir))
+    if kernel is None:
+        pytest.skip("no C compiler or no AVX2/AVX-512 VNNI on this machine")
+    generator = torch.Generator().manual_seed(0)
+    for n, k_in, m in ((256, 512, 2), (96, 1024, 1), (64, 1536, 3)):
+        weight = torch.randn(n, k_in, generator=generator) * 0.02
+        x = torch.randn(m, k_in, generator=generator)
+        packed = PackedInt4(weight)
+        got = kernel.linear(x, packed)
+        exact = x @ packed.dequantized().T
+        cosine = torch.nn.functional.cosine_similarity(got.flatten(), exact.flatten(), dim=0)
+        assert cosine > 0.9999 and torch.allclose(got, exact, atol=0.05 * exact.abs().max().item())
+        assert torch.nn.functional.cosine_similarity(got.flatten(), (x @ weight.T).flatten(), dim=0) > 0.99
