@@ -231,7 +231,9 @@ def build_app(settings: Settings | None = None):
     @friendly
     def on_generate(prompt, duration_s, seed, temperature, top_k, top_p, guidance):
         request, truncated = pipe.music_request(prompt, duration_s, seed, temperature, top_k, top_p, guidance)
-        note = " (prompt shortened to the length limit)" if truncated else ""
+        note = f" (prompt cut to {settings.max_prompt_chars} characters)" if truncated else ""
+        if truncated:
+            gr.Warning(f"The prompt was cut to {settings.max_prompt_chars} characters.")
         yield None, gr.update(visible=False, value=None), f"⏳ Starting… seed {request.seed}{note}"
         parts, rate = [], None
         for chunk in _stream(prompt, duration_s, seed, temperature, top_k, top_p, guidance):
@@ -285,6 +287,9 @@ def build_app(settings: Settings | None = None):
     @friendly
     def api_generate(prompt, duration_s=8.0, seed=0, temperature=1.0, top_k=250, top_p=0.0, guidance_scale=3.0):
         """A WAV file of music for a text prompt."""
+        _, truncated = pipe.music_request(prompt, duration_s, seed, temperature, top_k, top_p, guidance_scale)
+        if truncated:
+            gr.Warning(f"The prompt was cut to {settings.max_prompt_chars} characters.")
         return str(_generate_file(prompt, duration_s, seed, temperature, top_k, top_p, guidance_scale).wav_path)
 
     @friendly
@@ -299,7 +304,10 @@ def build_app(settings: Settings | None = None):
                 raise gr.Error("features must be a JSON object of audio features or a list of 13 numbers.",
                                print_exception=False) from None
         lists = pipe.recommend(text, k=k, features=features or None)
-        return {name: [s.to_dict() for s in songs] for name, songs in lists.items()}
+        result = {name: [s.to_dict() for s in songs] for name, songs in lists.items()}
+        if len((text or "").strip()) > settings.max_prompt_chars:
+            result["notes"] = [f"The text was cut to {settings.max_prompt_chars} characters."]
+        return result
 
     # ---- layout ----
     with gr.Blocks(title="Picture Soundtrack", delete_cache=(600, settings.temp_max_age_s),
@@ -369,7 +377,7 @@ def build_app(settings: Settings | None = None):
         gr.Markdown("### Songs that match")
         with gr.Tabs():
             tables = {}
-            for key, title, elem in (("features", "By audio features", "songs-features"),
+            for key, title, elem in (("features", "By sound", "songs-features"),
                                      ("lyrics", "By lyrics", "songs-lyrics"),
                                      ("fused", "Best of both", "songs-fused")):
                 with gr.Tab(title, id=elem):

@@ -193,7 +193,7 @@ class Pipeline:
         from .musicgen import MusicGenerator
 
         path, detail = self._model_path("music", MUSIC)
-        generator = MusicGenerator(
+        generator = MusicGenerator.load(
             path, device=self.runtime.device, dtype=self.runtime.dtype, weights=self.runtime.music_weights,
             decoder=self.settings.music_decoder, cache_dir=self.settings.cache_dir,
             native_kernels=self.settings.native_kernels, first_chunk_s=self.settings.first_chunk_s,

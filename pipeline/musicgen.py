@@ -86,26 +86,16 @@ def bake_weight_norm(module: torch.nn.Module) -> None:
 
 
 class MusicGenerator:
-    def __init__(self, path: Path, *, device: str = "cpu", dtype=None, weights: str = "int4",
-                 decoder: str = "fast", cache_dir: str | None = None, native_kernels: bool = True,
-                 first_chunk_s: float = 0.5, stream_chunk_s: float = 1.0, audio_dir: Path | None = None):
-        import json
+    """Holds a loaded MusicGen model and its processor; `load()` builds one from a checkpoint folder."""
 
-        from transformers import AutoProcessor
-
-        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type", "musicgen")
-        if model_type == "musicgen_melody":
-            from transformers import MusicgenMelodyForConditionalGeneration as ModelClass
-
-            decoder = "reference"
-        else:
-            from transformers import MusicgenForConditionalGeneration as ModelClass
-        model = ModelClass.from_pretrained(path, dtype=torch.float32).eval()
-        if dtype is not None and dtype != torch.float32:
-            model.text_encoder.to(dtype)
+    def __init__(self, model, processor, *, device: str = "cpu", weights: str = "int4", decoder: str = "fast",
+                 cache_dir: str | None = None, native_kernels: bool = True, first_chunk_s: float = 0.5,
+                 stream_chunk_s: float = 1.0, audio_dir: Path | None = None, keep_reference: bool = False):
+        if model.config.model_type == "musicgen_melody":
+            decoder = "reference"  # its decoder takes the text as a prefix, not through cross-attention
         bake_weight_norm(model.audio_encoder)
         self.device = device
-        self.processor = AutoProcessor.from_pretrained(path)
+        self.processor = processor
         self.sample_rate = int(model.config.audio_encoder.sampling_rate)
         self.frame_rate = int(model.config.audio_encoder.frame_rate)
         self.channels = int(getattr(model.config.decoder, "audio_channels", 1))
@@ -119,11 +109,27 @@ class MusicGenerator:
         self.audio_encoder = self._model.audio_encoder
         if decoder == "fast":
             self._fast = FastMusicgenDecoder(self._model, weights=weights, device=device, cache_dir=cache_dir,
-                                             native_kernels=native_kernels)
+                                             native_kernels=native_kernels, keep_reference=keep_reference)
             self.weights = self._fast.format
         else:
             self._fast = None
             self.weights = "fp32"
+
+    @classmethod
+    def load(cls, path: Path, *, dtype=None, **options) -> "MusicGenerator":
+        import json
+
+        from transformers import AutoProcessor
+
+        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type", "musicgen")
+        if model_type == "musicgen_melody":
+            from transformers import MusicgenMelodyForConditionalGeneration as ModelClass
+        else:
+            from transformers import MusicgenForConditionalGeneration as ModelClass
+        model = ModelClass.from_pretrained(path, dtype=torch.float32).eval()
+        if dtype is not None and dtype != torch.float32:
+            model.text_encoder.to(dtype)
+        return cls(model, AutoProcessor.from_pretrained(path), **options)
 
     # -- codes ----------------------------------------------------------------------------------------------------
     def _tokens(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -410,15 +410,18 @@ def passages(text: str, size: int = PASSAGE_WORDS) -> list[str]:
     return out
 
 
-def keywords_by_song(lyrics: list[list[str]], limit: int = KEYWORDS_PER_SONG) -> list[list[str]]:
-    """Top TF-IDF words per song (no stop words, no slurs), ordered by score, never by position in the lyric."""
-    docs = [[w for w in words if len(w) >= 3 and w not in _STOPWORDS and w not in _BLOCKED and not w.isdigit()]
-            for words in lyrics]
+def keywords_by_song(lyrics: list[list[str]], limit: int = KEYWORDS_PER_SONG, min_songs: int = 3) -> list[list[str]]:
+    """Top TF-IDF words per song, ordered by score, never by position in the lyric.
+
+    Only plain words (3-12 letters, no stop words or slurs) used by at least `min_songs` songs: one-off tokens are
+    mostly transcription debris, such as words glued together where a line break was lost."""
+    docs = [[w for w in words if 3 <= len(w) <= 12 and w.isalpha() and w not in _STOPWORDS and w not in _BLOCKED
+             and "chorus" not in w and "verse" not in w] for words in lyrics]
     df = Counter(w for doc in docs for w in set(doc))
     n = max(1, len(docs))
     out = []
     for doc in docs:
-        tf = Counter(doc)
+        tf = Counter(w for w in doc if df[w] >= min(min_songs, n))
         scored = sorted(tf, key=lambda w: (-(1 + math.log(tf[w])) * math.log((1 + n) / (1 + df[w])), w))
         out.append(scored[:limit])
     return out

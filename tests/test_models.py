@@ -217,7 +217,7 @@ def test_empty_prompts_are_refused(pipeline, prompt):
 def test_reference_backend_streams_through_the_per_step_hook(demo_paths):
     from pipeline.musicgen import MusicGenerator, MusicRequest
 
-    reference = MusicGenerator(demo_paths.music, decoder="reference")
+    reference = MusicGenerator.load(demo_paths.music, decoder="reference")
     request = MusicRequest("jazz", 1.5, seed=4)
     full = reference.generate(request, write=False)
     streamed = np.concatenate([c.samples for c in reference.stream(request)])

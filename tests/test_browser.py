@@ -1,0 +1,142 @@
+"""The app in a real browser (Debian's Chromium driven by Playwright), in demo mode, fully offline.
+
+Each flow uploads an example photo, analyzes it, checks the caption and the three song tables, generates a 2 s
+clip, waits for the player and downloads a valid WAV; the same flow runs on a desktop window, on a 390×844 phone
+screen and inside an iframe on a localhost page. Every request must stay on 127.0.0.1, and screenshots are
+saved in tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import shutil
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import soundfile as sf
+
+from tests.conftest import ROOT, free_port
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost"]
+EXAMPLE = ROOT / "assets" / "examples" / "coffee.jpg"
+TIMEOUT_MS = 120_000
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture(scope="module")
+def iframe_page(live_app):
+    """A localhost page on another port that embeds the app, as a blog or docs site would."""
+    html = (f"<!doctype html><html><head><title>Embed test</title></head><body><h1>My blog</h1>"
+            f'<iframe id="space" src="{live_app}" style="width:100%;height:2600px;border:0" '
+            'allow="autoplay; clipboard-write"></iframe></body></html>').encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server API
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://localhost:{port}/"
+    server.shutdown()
+
+
+def _external_requests(urls: list[str]) -> list[str]:
+    return [u for u in urls if urlparse(u).scheme in ("http", "https", "ws", "wss")
+            and urlparse(u).hostname not in ("127.0.0.1", "localhost")]
+
+
+def run_flow(page, root, artifacts: Path, name: str) -> None:
+    """root: the page or the iframe's frame locator, where the app lives."""
+    root.locator("#image-input input[type=file]").set_input_files(str(EXAMPLE))
+    root.locator("#analyze-btn").click()
+    from playwright.sync_api import expect
+
+    expect(root.locator("#caption textarea")).not_to_have_value("", timeout=TIMEOUT_MS)
+    assert root.locator("#prompt textarea").input_value().strip()
+    assert root.locator("#emotion").inner_text(timeout=TIMEOUT_MS).strip()
+    for tab, table in (("By sound", "#songs-features"), ("By lyrics", "#songs-lyrics"),
+                       ("Best of both", "#songs-fused")):
+        root.get_by_role("tab", name=tab).click()
+        # Gradio's dataframe is a virtual grid: data rows are role=row from aria-rowindex 2 on
+        root.locator(f'{table} [role=row][aria-rowindex="2"]').first.wait_for(timeout=TIMEOUT_MS)
+        assert root.locator(f"{table} [role=row]").count() >= 4, (name, table)
+    page.screenshot(path=str(artifacts / f"{name}-analyzed.png"), full_page=True)
+
+    duration = root.locator("#duration input[type=number]")
+    duration.fill("2")
+    duration.press("Enter")
+    root.locator("#generate-btn").click()
+    download = root.locator("#download-wav")
+    download.wait_for(state="visible", timeout=TIMEOUT_MS)
+    assert root.locator("#audio-out audio, #audio-out [data-testid*=audio], #audio-out .waveform-container, "
+                        "#audio-out button").count() > 0
+    assert "Done" in root.locator("#generate-status").inner_text()
+    with page.expect_download(timeout=TIMEOUT_MS) as info:
+        download.click()
+    data = Path(info.value.path()).read_bytes()
+    assert data[:4] == b"RIFF" and data[8:12] == b"WAVE"
+    audio, rate = sf.read(io.BytesIO(data))
+    assert rate == 32000 and abs(len(audio) - 2 * rate) <= rate // 50
+    page.screenshot(path=str(artifacts / f"{name}-generated.png"), full_page=True)
+
+
+@pytest.mark.parametrize("name, viewport", [("desktop", {"width": 1280, "height": 900}),
+                                            ("phone", {"width": 390, "height": 844})])
+def test_full_flow(browser, live_app, artifacts_dir, name, viewport):
+    context = browser.new_context(viewport=viewport, accept_downloads=True,
+                                  is_mobile=name == "phone", has_touch=name == "phone")
+    page = context.new_page()
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(live_app, wait_until="domcontentloaded")
+    run_flow(page, page, artifacts_dir, name)
+    if name == "phone":
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= viewport["width"] + 2, f"horizontal scroll on a phone: {width}px"
+    assert not _external_requests(requests), _external_requests(requests)
+    context.close()
+
+
+def test_full_flow_inside_an_iframe(browser, iframe_page, artifacts_dir):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(iframe_page, wait_until="domcontentloaded")
+    run_flow(page, page.frame_locator("#space"), artifacts_dir, "iframe")
+    assert not _external_requests(requests), _external_requests(requests)
+    context.close()
+
+
+def test_demo_banner_limits_and_status_are_shown(browser, live_app):
+    page = browser.new_page()
+    page.goto(live_app, wait_until="domcontentloaded")
+    assert "random-weight" in page.locator("#demo-banner").inner_text(timeout=TIMEOUT_MS)
+    footer = page.locator("#status-footer")
+    footer.get_by_text("music model").first.wait_for(timeout=TIMEOUT_MS)
+    assert "song catalog" in footer.inner_text() and "ready" in footer.inner_text()
+    page.close()

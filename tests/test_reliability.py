@@ -1,0 +1,301 @@
+"""A public Space is hammered by strangers: bad input, concurrency, faults, tampering and secrets."""
+
+import gc
+import logging
+import re
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import soundfile as sf
+from gradio_client import Client, handle_file
+
+from pipeline.core import Pipeline
+from tests import images
+from tests.conftest import ROOT, free_port
+
+EXAMPLE = str(ROOT / "assets" / "examples" / "coffee.jpg")
+
+
+# -- bad input through the API: a clear message, and the next request works ---------------------------------------
+
+BAD_IMAGES = {
+    "truncated.jpg": (images.truncated_jpeg, "truncated or corrupt"),
+    "noise.png": (lambda: np.random.default_rng(1).bytes(4096), "not an image"),
+    "empty.png": (lambda: b"", "empty"),
+    "bomb.png": (lambda: images.png_header_claiming(20000, 20000), "too many pixels|too large"),
+}
+GOOD_ODD_IMAGES = {
+    "one.png": lambda: images.encoded(images.photo(1, 1), "PNG"),
+    "sixteen.png": images.sixteen_bit_png,
+    "cmyk.jpg": images.cmyk_jpeg,
+    "palette.png": images.palette_png_with_transparency,
+    "anim.gif": images.animated_gif,
+    "rotated.jpg": images.exif_rotated_jpeg,
+    "gray.png": images.grayscale_png,
+    "huge.jpg": images.huge_legal_jpeg,
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_IMAGES))
+def test_bad_images_get_clear_messages_and_the_app_keeps_serving(client, tmp_path, name):
+    maker, message = BAD_IMAGES[name]
+    path = tmp_path / name
+    path.write_bytes(maker())
+    for endpoint in ("/analyze", "/caption"):
+        args = (handle_file(str(path)), 3, "", "") if endpoint == "/analyze" else (handle_file(str(path)),)
+        with pytest.raises(Exception) as info:
+            client.predict(*args, api_name=endpoint)
+        assert re.search(message, str(info.value)), str(info.value)
+    assert client.predict(handle_file(EXAMPLE), api_name="/caption")
+
+
+@pytest.mark.parametrize("name", sorted(GOOD_ODD_IMAGES))
+def test_odd_but_valid_images_are_analyzed(client, tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(GOOD_ODD_IMAGES[name]())
+    result = client.predict(handle_file(str(path)), 3, "", "", api_name="/analyze")
+    assert len(result["songs_by_features"]) == 3
+    if name == "huge.jpg":
+        assert any("downscaled" in note for note in result["notes"])
+    if name == "anim.gif":
+        assert any("first frame" in note for note in result["notes"])
+
+
+def test_text_edge_cases(client):
+    long_prompt = "slow ambient piano " * 600  # ~11,000 characters
+    path = client.predict(long_prompt, 1.0, 1, 1.0, 250, 0.0, 3.0, api_name="/generate")
+    assert sf.info(path).frames == 32000
+    result = client.predict(long_prompt, 3, None, api_name="/recommend")
+    assert result["notes"] and "cut" in result["notes"][0]
+    for prompt in ("   \n\t ", "\x00\x01\x02"):
+        with pytest.raises(Exception, match="empty"):
+            client.predict(prompt, 1.0, 1, 1.0, 250, 0.0, 3.0, api_name="/generate")
+    assert sf.info(client.predict("🎻🌧️ rainy café ☕", 1.0, 1, 1.0, 250, 0.0, 3.0, api_name="/generate")).frames
+
+
+@pytest.mark.parametrize("duration, seed, message", [
+    (-1, 0, "duration_s"), (0, 0, "duration_s"), (1e9, 0, "duration_s"), (2.0, -1, "seed"), (2.0, 0.5, "seed")])
+def test_numbers_out_of_range(client, duration, seed, message):
+    with pytest.raises(Exception, match=message):
+        client.predict("piano", duration, seed, 1.0, 250, 0.0, 3.0, api_name="/generate")
+
+
+def raw_call(base: str, api_name: str, body: str) -> str:
+    """POST a hand-written JSON body (gradio_client cannot send NaN) and return the event stream's text."""
+    request = urllib.request.Request(f"{base}gradio_api/call/{api_name}", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        import json
+
+        event_id = json.loads(response.read())["event_id"]
+    with urllib.request.urlopen(f"{base}gradio_api/call/{api_name}/{event_id}", timeout=120) as response:
+        return response.read().decode()
+
+
+@pytest.mark.parametrize("values, message", [
+    ('"piano", NaN, 1, 1.0, 250, 0.0, 3.0', "duration_s"),
+    ('"piano", 2.0, NaN, 1.0, 250, 0.0, 3.0', "seed"),
+    ('"piano", 2.0, 1, Infinity, 250, 0.0, 3.0', "temperature"),
+])
+def test_nan_and_infinity_are_refused(live_app, values, message):
+    stream = raw_call(live_app, "generate", '{"data": [' + values + ']}')
+    assert "event: error" in stream and message in stream and "Traceback" not in stream, stream
+
+
+# -- load ------------------------------------------------------------------------------------------------------------
+
+def test_eight_clients_at_once_each_get_their_own_result(live_app, pipeline):
+    jobs = [("generate", seed) if i % 2 else ("analyze", seed) for i, seed in enumerate(range(20, 28))]
+    expected = {seed: pipeline.generate("rainy jazz", 1.5, seed, write=False).samples
+                for kind, seed in jobs if kind == "generate"}
+
+    def run(job):
+        kind, seed = job
+        own = Client(live_app, verbose=False)
+        if kind == "generate":
+            data, _ = sf.read(own.predict("rainy jazz", 1.5, seed, 1.0, 250, 0.0, 3.0, api_name="/generate"),
+                              dtype="float32")
+            return kind, seed, data
+        return kind, seed, own.predict(handle_file(EXAMPLE), 4, "", "", api_name="/analyze")
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(run, jobs))
+    assert len(results) == 8
+    for kind, seed, value in results:
+        if kind == "generate":
+            # the file is 16-bit: equal to the same seed alone within one quantisation step
+            assert value.shape == expected[seed].shape and np.max(np.abs(value - expected[seed])) <= 1.5 / 32767
+        else:
+            assert len(value["songs_fused"]) == 4
+    generated = [value for kind, _, value in results if kind == "generate"]
+    assert not np.array_equal(generated[0], generated[1])
+
+
+def test_a_full_queue_answers_busy_instead_of_hanging(settings, tmp_path):
+    import app as app_module
+
+    small = settings.replace(queue_size=2, generate_concurrency=1, cache_dir=str(tmp_path))
+    demo = app_module.build_app(small)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        client = Client(url, verbose=False)
+        started = time.monotonic()
+        jobs = [client.submit("long drone", 6.0, i, 1.0, 250, 0.0, 3.0, api_name="/generate") for i in range(8)]
+        errors = []
+        for job in jobs:
+            try:
+                job.result(timeout=120)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(str(exc))
+        assert any("Queue is full" in e and "try again" in e for e in errors), errors
+        assert time.monotonic() - started < 120
+        assert sf.info(client.predict("after the rush", 1.0, 1, 1.0, 250, 0.0, 3.0, api_name="/generate")).frames
+    finally:
+        demo.close()
+
+
+def test_two_hundred_analyses_do_not_grow_memory(client, pipeline, tmp_path):
+    process = psutil.Process()
+    paths = []
+    for i in range(20):
+        path = tmp_path / f"p{i}.jpg"
+        path.write_bytes(images.encoded(images.photo(160, 120, seed=i), "JPEG"))
+        paths.append(path)
+    audio_dir = pipeline.settings.audio_dir
+
+    def files_in(folder: Path) -> int:
+        return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+    for i in range(30):  # warm-up
+        client.predict(handle_file(str(paths[i % 20])), 5, "", "", api_name="/analyze")
+    gc.collect()
+    before = process.memory_info().rss
+    audio_files = files_in(audio_dir)
+    for i in range(200):
+        client.predict(handle_file(str(paths[i % 20])), 5, "", f"take {i % 50}", api_name="/analyze")
+    gc.collect()
+    after = process.memory_info().rss
+    assert after <= before * 1.10, (before / 1e6, after / 1e6)
+    assert files_in(audio_dir) == audio_files  # analysis writes nothing of its own
+    assert len(pipeline._cache) <= pipeline.settings.analyze_cache_size
+
+
+# -- faults --------------------------------------------------------------------------------------------------------
+
+def test_a_model_that_fails_to_load_leaves_the_rest_working(settings, tmp_path):
+    import app as app_module
+
+    broken = settings.replace(demo=False, music_model=str(tmp_path / "no-such-musicgen"),
+                              caption_model=str(tmp_path / "no-such-blip"), clip_model=str(tmp_path / "no-clip"),
+                              cache_dir=str(tmp_path), hf_token="hf_never_shown_123")
+    demo = app_module.build_app(broken)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        songs = client.predict("heartbreak in the rain", 3, None, api_name="/recommend")
+        assert len(songs["songs_by_lyrics"]) == 3
+        with pytest.raises(Exception, match="music model is unavailable.*no-such-musicgen"):
+            client.predict("piano", 1.0, 1, 1.0, 250, 0.0, 3.0, api_name="/generate")
+        from pipeline.core import get_pipeline
+
+        states = {s.name: s for s in get_pipeline(broken).status()}
+        assert states["music model"].state == "failed" and "no-such-musicgen" in states["music model"].detail
+        assert states["song catalog"].state == "ready" and states["sentence embedder"].state == "ready"
+        footer = app_module.status_markdown(get_pipeline(broken), broken)
+        assert "failed" in footer and "no-such-musicgen" in footer
+    finally:
+        demo.close()
+
+
+def test_a_generation_that_fails_midway_frees_memory_and_the_next_one_works(pipeline, monkeypatch):
+    generator = pipeline._get("music model")
+    original = generator._frames
+
+    def failing(request, cancel):
+        for i, block in enumerate(original(request, cancel)):
+            if i == 3:
+                raise RuntimeError("simulated fault")
+            yield block
+
+    process = psutil.Process()
+    pipeline.generate("warm", 2.0, 1, write=False)
+    gc.collect()
+    before = process.memory_info().rss
+    threads = threading.active_count()
+    monkeypatch.setattr(generator, "_frames", failing)
+    for _ in range(5):
+        with pytest.raises(RuntimeError, match="simulated"):
+            list(pipeline.stream("doomed", 3.0, 1))
+    monkeypatch.setattr(generator, "_frames", original)
+    gc.collect()
+    assert process.memory_info().rss < before + 50e6
+    assert threading.active_count() <= threads + 1
+    assert len(pipeline.generate("fine again", 1.0, 2, write=False).samples) == 32000
+
+
+def test_a_tampered_index_is_refused_by_name_and_the_models_still_work(settings, tmp_path, small_index):
+    import shutil
+
+    target = tmp_path / "index"
+    shutil.copytree(small_index, target)
+    (target / "features.faiss").write_bytes((target / "features.faiss").read_bytes()[:-10])
+    pipe = Pipeline(settings.replace(index_dir=str(target), cache_dir=str(tmp_path))).start()
+    assert pipe.wait_until_ready(120)
+    states = {s.name: s for s in pipe.status()}
+    assert states["song catalog"].state == "failed" and "features.faiss" in states["song catalog"].detail
+    analysis = pipe.analyze(images.photo(), k=3)
+    assert analysis.caption is not None and analysis.songs_by_features == []
+    assert any("song catalog is unavailable" in note for note in analysis.notes)
+
+
+# -- artifacts and secrets -----------------------------------------------------------------------------------------
+
+def test_nothing_is_unpickled():
+    risky = re.compile(r"\bpickle\b|torch\.load\(|allow_pickle\s*=\s*True|trust_remote_code\s*=\s*True|(?<![.\w])eval\(")
+    for path in list((ROOT / "pipeline").glob("*.py")) + list((ROOT / "scripts").glob("*.py")) + [ROOT / "app.py"]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            assert not risky.search(line), f"{path.name}:{number}: {line.strip()}"
+    allowed = {".parquet", ".npy", ".faiss", ".json", ".md"}
+    assert {p.suffix for p in (ROOT / "index").iterdir()} <= allowed
+
+
+def test_the_token_is_never_sent_to_the_browser_or_logged(settings, tmp_path, caplog, capfd):
+    import app as app_module
+
+    secret = "hf_SECRET_never_leak_42"
+    broken = settings.replace(music_model=str(tmp_path / "missing"), demo=False, hf_token=secret,
+                              caption_model=str(tmp_path / "missing-blip"), cache_dir=str(tmp_path / "c"))
+    caplog.set_level(logging.DEBUG)
+    demo = app_module.build_app(broken)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        from pipeline.core import get_pipeline
+
+        get_pipeline(broken).wait_until_ready(120)
+        served = []
+        for route in ("/", "/config", "/gradio_api/info", "/gradio_api/openapi.json"):
+            try:
+                with urllib.request.urlopen(base + route, timeout=30) as response:
+                    served.append(response.read().decode(errors="replace"))
+            except OSError:
+                pass
+        client = Client(base + "/", verbose=False)
+        with pytest.raises(Exception) as info:
+            client.predict("x", 1.0, 1, 1.0, 250, 0.0, 3.0, api_name="/generate")
+        served.append(str(info.value))
+        served.append(app_module.status_markdown(get_pipeline(broken), broken))
+        for text in served + [caplog.text, "".join(capfd.readouterr())]:
+            assert secret not in text
+    finally:
+        demo.close()

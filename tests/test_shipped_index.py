@@ -1,0 +1,97 @@
+"""The catalog in index/ as shipped: counts, checksums, formats, size, and no lyric text anywhere."""
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.catalog import Catalog
+from scripts import build_index as b
+from tests.conftest import DATA_DIR, ROOT
+
+INDEX = ROOT / "index"
+
+
+@pytest.fixture(scope="module")
+def shipped(embedder):
+    catalog = Catalog.load(INDEX)  # verifies every sha256 in the manifest
+    catalog.attach_embedder(embedder)  # and the embedder's fingerprint
+    return catalog
+
+
+def test_counts_meet_the_targets(shipped):
+    counts = shipped.counts
+    assert counts["with_features"] >= 40_000 and counts["with_lyrics"] >= 4_000 and counts["with_both"] >= 3_500
+    songs = pq.read_table(INDEX / "songs.parquet").to_pandas()
+    assert songs["spotify_id"][songs["spotify_id"] != ""].is_unique
+    keys = songs.apply(lambda r: f"{b.normalize_artist(r.artist)}|{b.normalize_title(r.title)}", axis=1)
+    assert keys.duplicated().mean() < 0.01  # near-duplicates left are different songs with similar names
+
+
+def test_manifest_describes_the_build():
+    manifest = json.loads((INDEX / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1
+    assert manifest["embedder"]["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert len(manifest["embedder"]["revision"]) == 40 and len(manifest["embedder"]["fingerprint"]) == 3
+    assert {"mean", "std", "weights", "tau", "bounds"} <= set(manifest["feature_space"])
+    assert {s["name"] for s in manifest["sources"]} == {"tidytuesday", "musicoset", "billboard_lyrics", "tcc_ceds"}
+    assert all(s["licence"] for s in manifest["sources"])
+    listed = set(manifest["files"])
+    assert listed == {p.name for p in INDEX.iterdir()} - {"manifest.json"}
+    assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
+
+
+def test_size_and_formats():
+    files = list(INDEX.iterdir())
+    assert sum(p.stat().st_size for p in files) < 50e6
+    assert max(p.stat().st_size for p in files) < 20e6
+    assert {p.suffix for p in files} <= {".parquet", ".npy", ".faiss", ".json"}
+    for path in INDEX.glob("*.npy"):
+        np.load(path, allow_pickle=False)
+
+
+def test_shipped_searches_work(shipped):
+    fused = shipped.search_fused({"valence": 0.9, "energy": 0.85, "danceability": 0.8},
+                                 "dancing all night at the club", k=10)
+    assert len(fused) == 10 and all(m.spotify_url.startswith("https://open.spotify.com/track/") or not m.spotify_id
+                                    for m in fused)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def test_no_lyric_text_is_shipped():
+    """No run of 6 consecutive words from any source lyric appears in any shipped file. Text fields are read
+    decoded (parquet is compressed), keyword and theme lists per item, and binary files by their printable runs."""
+    if not DATA_DIR.is_dir():
+        pytest.skip("../shared/data is not available")
+    segments: list[str] = [(INDEX / "manifest.json").read_text()]
+    songs = pq.read_table(INDEX / "songs.parquet").to_pandas()
+    for column in songs.columns:
+        if songs[column].dtype == object:
+            for value in songs[column].dropna().astype(str):
+                segments.extend(value.split(", ") if column in ("keywords", "themes", "sources") else [value])
+    for path in INDEX.iterdir():
+        if path.suffix in (".npy", ".faiss"):
+            segments.extend(m.decode() for m in re.findall(rb"[ -~]{12,}", path.read_bytes()))
+    shipped = set()
+    for segment in segments:
+        words = _words(segment)
+        shipped.update(" ".join(words[i:i + 6]) for i in range(len(words) - 5))
+    titles = {" ".join(_words(t)) for t in songs["title"]}  # a title sung in its own chorus is not lyric text
+
+    lyrics = pd.read_excel(DATA_DIR / "billboard_lyrics_1964-2015.xlsx")["Lyrics"].dropna().tolist()
+    lyrics += pd.read_csv(DATA_DIR / "tcc_ceds_music_partial.csv")["lyrics"].dropna().tolist()
+    checked = 0
+    for lyric in lyrics:
+        words = _words(str(lyric))
+        for i in range(len(words) - 5):
+            gram = " ".join(words[i:i + 6])
+            checked += 1
+            if gram in shipped:
+                assert any(gram in title for title in titles), f"lyric text found in index/: {gram!r}"
+    assert checked > 1_000_000
