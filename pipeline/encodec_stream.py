@@ -18,6 +18,7 @@ import torch
 
 CONV_CONTEXT = 3  # (kernel 7 - 1) / 2
 CONTEXT_FRAMES = 4  # receptive field of the upsampling stack, in frames, with margin
+LOOKAHEAD_FRAMES = CONV_CONTEXT + CONTEXT_FRAMES  # frames past a sample's own that must exist before it is final
 
 
 class StreamingEncodecDecoder:

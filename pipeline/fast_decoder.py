@@ -88,7 +88,23 @@ class FastMusicgenDecoder:
             self.layers.append(layer)
         self.final_ln = _ln(decoder.layer_norm, self.dtype)
         self.heads_linear = pack(*model.decoder.lm_heads)
+        # with the native kernel and shapes it tiles, a whole layer runs as one C call (no per-op Python overhead)
+        self._kernel = kernel
+        self._fused = None
         self.activation = config.activation_function
+        if kernel is not None and self.activation == "gelu":
+            from .native_kernels import FusedLayer
+
+            packed = [[getattr(layer, name).keywords.get("packed") if hasattr(getattr(layer, name), "keywords")
+                       else None for name in ("qkv", "out", "cross_q", "cross_out", "fc1", "fc2")]
+                      for layer in self.layers]
+            if all(m is not None for matrices in packed for m in matrices):
+                self._fused = [FusedLayer(matrices, [block.self_attn_layer_norm.weight, block.self_attn_layer_norm.bias,
+                                                     block.encoder_attn_layer_norm.weight,
+                                                     block.encoder_attn_layer_norm.bias,
+                                                     block.final_layer_norm.weight, block.final_layer_norm.bias],
+                                          block.final_layer_norm.eps, self.heads)
+                               for matrices, block in zip(packed, decoder.layers)]
 
         # the text side stays in transformers: T5 runs once per request
         self.text_encoder = model.text_encoder
@@ -110,14 +126,33 @@ class FastMusicgenDecoder:
         return hidden.to(self.dtype), attention_mask.to(self.device).bool()
 
     def _cross_kv(self, text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of the text for every layer's cross-attention: (1, H, T, Dh), or (H, T, Dh) fp32 for
+        the fused C layers."""
         t = text.shape[1]
         flat = text.reshape(-1, self.hidden)
         kv = []
         for layer in self.layers:
             k = layer.cross_k(flat).view(1, t, self.heads, self.head_dim).transpose(1, 2)
             v = layer.cross_v(flat).view(1, t, self.heads, self.head_dim).transpose(1, 2)
-            kv.append((k.to(self.cache_dtype).contiguous(), v.to(self.cache_dtype).contiguous()))
+            if self._fused is not None:
+                kv.append((k[0].float().contiguous(), v[0].float().contiguous()))
+            else:
+                kv.append((k.to(self.cache_dtype).contiguous(), v.to(self.cache_dtype).contiguous()))
         return kv
+
+    def _new_caches(self, batch: int, length: int) -> list:
+        """A static KV cache per layer, sized for the request: int8 for the fused C layers, else cache_dtype."""
+        if self._fused is not None:
+            return [self._fused[0].new_cache(batch, self.heads, length, self.head_dim) for _ in self.layers]
+        shape = (batch, self.heads, length, self.head_dim)
+        return [(torch.zeros(shape, dtype=self.cache_dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.cache_dtype, device=self.device)) for _ in self.layers]
+
+    def _cross_mask(self, text_mask: torch.Tensor) -> torch.Tensor:
+        """Which text positions cross-attention may see: SDPA's boolean mask, or bytes for the fused C layers."""
+        if self._fused is not None:
+            return text_mask.reshape(-1).to(torch.uint8).contiguous()
+        return text_mask[:, None, None, :]
 
     def _step(self, tokens: torch.Tensor, pos: int, caches, cross, cross_mask) -> torch.Tensor:
         """tokens (B, K) at position `pos` → logits (B, K, V) for position pos + 1."""
@@ -125,6 +160,12 @@ class FastMusicgenDecoder:
         h, d = self.heads, self.head_dim
         x = self.embeddings[torch.arange(self.num_codebooks, device=tokens.device), tokens].sum(dim=1)
         x = x * self.embed_scale + self.positions[pos]
+        if self._fused is not None:
+            x = x.contiguous()
+            for fused, cache, (ck, cv) in zip(self._fused, caches, cross):
+                fused(self._kernel, x, cache, pos, ck, cv, cross_mask)
+            x = F.layer_norm(x, *self.final_ln)
+            return self.heads_linear(x).view(b, self.num_codebooks, self.vocab_size).float()
         for layer, (k_cache, v_cache), (ck, cv) in zip(self.layers, caches, cross):
             y = F.layer_norm(x, *layer.ln1)
             q, k, v = layer.qkv(y).view(b, 3, h, d).unbind(1)
@@ -155,8 +196,8 @@ class FastMusicgenDecoder:
                sampling: Sampling, cancel: threading.Event | None = None,
                on_step: Callable[[int, int], None] | None = None) -> Iterator[torch.Tensor]:
         """Yield (K, n) blocks of complete audio-code frames, in order, until `n_frames` have been produced."""
-        delays = self.delays().to(self.device)
-        max_delay = int(delays.max())
+        delays = self.delays().tolist()
+        max_delay = max(delays)
         total_steps = n_frames + max_delay
         if total_steps + 1 > self.max_positions:
             raise ValueError(f"{n_frames} frames exceed the model's {self.max_positions} positions.")
@@ -164,11 +205,8 @@ class FastMusicgenDecoder:
         batch = 2 if guided else 1
         text, text_mask = self.encode_text(input_ids[:1], attention_mask[:1])
         cross = self._cross_kv(text)
-        cross_mask = text_mask[:, None, None, :]
-        caches = [(torch.zeros(batch, self.heads, total_steps + 1, self.head_dim, dtype=self.cache_dtype,
-                               device=self.device),
-                   torch.zeros(batch, self.heads, total_steps + 1, self.head_dim, dtype=self.cache_dtype,
-                               device=self.device)) for _ in self.layers]
+        cross_mask = self._cross_mask(text_mask)
+        caches = self._new_caches(batch, total_steps + 1)
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         codes = torch.full((self.num_codebooks, n_frames), self.pad_id, dtype=torch.long, device=self.device)
         tokens = torch.full((batch, self.num_codebooks), self.pad_id, dtype=torch.long, device=self.device)
@@ -182,10 +220,14 @@ class FastMusicgenDecoder:
             else:
                 logits = logits[0]
             sampled = sample(logits, sampling, generator)
-            frame = position - 1 - delays
-            valid = (frame >= 0) & (frame < n_frames)
-            sampled = torch.where(valid, sampled, torch.full_like(sampled, self.pad_id))
-            codes[valid.nonzero().squeeze(1), frame[valid]] = sampled[valid]
+            # the delay pattern: codebook k holds frame (position - 1 - delay_k); outside the clip it is padding
+            inside = [k for k, delay in enumerate(delays) if 0 <= position - 1 - delay < n_frames]
+            if len(inside) < len(delays):
+                keep = torch.zeros(self.num_codebooks, dtype=torch.bool, device=self.device)
+                keep[inside] = True
+                sampled = torch.where(keep, sampled, torch.full_like(sampled, self.pad_id))
+            if inside:
+                codes[inside, [position - 1 - delays[k] for k in inside]] = sampled[inside]
             tokens = sampled.unsqueeze(0).expand(batch, -1).contiguous()
             complete = min(n_frames, position - max_delay)
             if on_step is not None:
@@ -201,14 +243,13 @@ class FastMusicgenDecoder:
         b = 2 if guidance else 1
         text, text_mask = self.encode_text(input_ids[:1], attention_mask[:1])
         cross = self._cross_kv(text)
+        cross_mask = self._cross_mask(text_mask)
         t = decoder_tokens.shape[-1]
-        caches = [(torch.zeros(b, self.heads, t, self.head_dim, dtype=self.cache_dtype, device=self.device),
-                   torch.zeros(b, self.heads, t, self.head_dim, dtype=self.cache_dtype, device=self.device))
-                  for _ in self.layers]
+        caches = self._new_caches(b, t)
         out = []
         for pos in range(t):
             tokens = decoder_tokens[:1, :, pos].expand(b, -1)
-            out.append(self._step(tokens, pos, caches, cross, text_mask[:, None, None, :]))
+            out.append(self._step(tokens, pos, caches, cross, cross_mask))
         return torch.stack(out, dim=1)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .audio import LoudnessNormalizer, chunk_grid, write_wav
-from .encodec_stream import StreamingEncodecDecoder
+from .encodec_stream import LOOKAHEAD_FRAMES, StreamingEncodecDecoder
 from .errors import Cancelled, InputError
 from .fast_decoder import FastMusicgenDecoder, Sampling
 
@@ -229,14 +229,19 @@ class MusicGenerator:
         hop = self.sample_rate // self.frame_rate
         decoders = [StreamingEncodecDecoder(self.audio_encoder) for _ in range(self.channels)]
         normalizer = LoudnessNormalizer()
-        pending: list[np.ndarray] = []
-        pending_samples = 0
-        index = 0
-        produced = 0
+        waiting: list[torch.Tensor] = []  # code frames not yet handed to the codec
+        pending: list[np.ndarray] = []  # final samples not yet emitted
+        pending_samples = index = produced = 0
         for block in self._frames(request, cancel):
             produced += block.shape[-1]
+            waiting.append(block)
             final = produced >= n
-            parts = [dec.push(block[c::self.channels] if self.channels == 2 else block, final=final)
+            # hand frames to the codec in chunk-sized batches: a call per frame would cost more than the audio
+            if not final and produced < grid[index][1] + LOOKAHEAD_FRAMES:
+                continue
+            codes = torch.cat(waiting, dim=-1)
+            waiting = []
+            parts = [dec.push(codes[c::self.channels] if self.channels == 2 else codes, final=final)
                      for c, dec in enumerate(decoders)]
             audio = (torch.stack([p[0, 0] for p in parts], dim=-1) if self.channels == 2 else parts[0][0, 0])
             audio = audio.float().cpu().numpy()

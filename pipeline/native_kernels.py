@@ -1,8 +1,10 @@
-"""The project's int4 matrix kernel (`kernels/int4_matmul.c`), compiled for this CPU on first use.
+"""The project's low-bit matrix kernel (`kernels/lowbit_matmul.c`), compiled for this CPU on first use.
 
 PyTorch's packed int4 CPU kernel dequantizes every weight to bf16 before multiplying, which makes a MusicGen
 decode step compute-bound at about half the memory bandwidth. This kernel instead quantizes the (tiny) activation
-to int8 and multiplies with VNNI integer dot products, streaming the 4-bit weights at close to full bandwidth.
+to int8 and multiplies with VNNI integer dot products, streaming 4- or 5-bit weights at close to full bandwidth.
+Weights are quantized per group of 32 with an fp16 scale and offset, each group's range chosen among a few clip
+ratios to minimise the squared error.
 
 It is built with the system C compiler (`cc -O3 -march=native`) into the cache folder, linked against PyTorch's
 own OpenMP runtime so the two share one thread pool, and called through ctypes (which releases the GIL). Without
@@ -22,68 +24,146 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
-SOURCE = Path(__file__).with_name("kernels") / "int4_matmul.c"
+SOURCE = Path(__file__).with_name("kernels") / "lowbit_matmul.c"
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 GROUP = 32
 SUPERBLOCK = 512
 log = logging.getLogger(__name__)
 
 
-class Int4Kernel:
+class _Packed(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("hb", ctypes.c_void_p), ("d", ctypes.c_void_p), ("mn", ctypes.c_void_p)]
+
+
+class LowBitKernel:
     def __init__(self, library: ctypes.CDLL, path: Path):
         self.path = path
         self._fn = library.i4_linear
         self._fn.restype = ctypes.c_int
         p, i = ctypes.c_void_p, ctypes.c_int
-        self._fn.argtypes = [p, i, i, p, p, p, p, i]
+        self._fn.argtypes = [p, i, i, p, p, p, p, p, i, i]
+        self._layer = library.mg_layer
+        self._layer.restype = ctypes.c_int
+        self._layer.argtypes = [p, i, i, i, i, p, p, ctypes.c_float, p, p, p, p, i, i, p, p, i, p, i]
+        self.threads = 0  # 0: OpenMP's default (PyTorch's thread count)
         library.i4_isa.restype = ctypes.c_int
         self.isa = {2: "avx512-vnni", 1: "avx2", 0: "scalar"}[library.i4_isa()]
 
-    def linear(self, x: torch.Tensor, packed: "PackedInt4") -> torch.Tensor:
+    def linear(self, x: torch.Tensor, packed: "PackedLowBit") -> torch.Tensor:
         x = x.contiguous().float() if x.dtype != torch.float32 or not x.is_contiguous() else x
         m = x.shape[0]
         y = torch.empty(m, packed.out_features, dtype=torch.float32)
-        status = self._fn(x.data_ptr(), m, packed.in_features, packed.weight.data_ptr(), packed.scale.data_ptr(),
-                          packed.offset.data_ptr(), y.data_ptr(), packed.out_features)
+        high = packed.high_bits.data_ptr() if packed.high_bits is not None else None
+        status = self._fn(x.data_ptr(), m, packed.in_features, packed.weight.data_ptr(), high, packed.scale.data_ptr(),
+                          packed.offset.data_ptr(), y.data_ptr(), packed.out_features, self.threads)
         if status != 0:
-            raise MemoryError("int4 kernel could not allocate scratch memory")
+            raise MemoryError("low-bit kernel could not allocate scratch memory")
         return y
 
 
-class PackedInt4:
-    """A weight matrix in the kernel's layout; keeps the packed bytes, scales and offsets alive."""
+class FusedLayer:
+    """One MusicGen decoder layer for the C path: six packed matrices and three layer norms, kept alive here,
+    with the pointer tables `mg_layer` reads built once."""
 
-    __slots__ = ("weight", "scale", "offset", "out_features", "in_features")
+    def __init__(self, matrices: list["PackedLowBit"], norms: list[torch.Tensor], eps: float, heads: int):
+        self.matrices = matrices
+        self.norms = [n.detach().float().contiguous() for n in norms]
+        self.eps = float(eps)
+        self.heads = heads
+        self.hidden = matrices[1].out_features
+        self.ffn = matrices[4].out_features
+        self._weights = (_Packed * 6)(*[_Packed(m.weight.data_ptr(), m.high_bits.data_ptr() if m.high_bits is not None
+                                                else None, m.scale.data_ptr(), m.offset.data_ptr()) for m in matrices])
+        self._norms = (ctypes.c_void_p * 6)(*[n.data_ptr() for n in self.norms])
 
-    def __init__(self, weight: torch.Tensor):
+    @staticmethod
+    def new_cache(batch: int, heads: int, length: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+        """int8 keys (B, H, Dh, T) — transposed, for the kernel's vectorised scores — and values (B, H, T, Dh),
+        with fp32 scales (B, H, T)."""
+        return (torch.zeros(batch, heads, head_dim, length, dtype=torch.int8),
+                torch.zeros(batch, heads, length, head_dim, dtype=torch.int8),
+                torch.zeros(batch, heads, length), torch.zeros(batch, heads, length))
+
+    def __call__(self, kernel: "LowBitKernel", x: torch.Tensor, cache: tuple[torch.Tensor, ...], position: int,
+                 cross_k: torch.Tensor, cross_v: torch.Tensor, valid: torch.Tensor) -> None:
+        """Updates x (B, D) fp32 in place; `cache` from `new_cache`, cross keys/values (H, Tt, Dh) fp32."""
+        keys, values, key_scales, value_scales = cache
+        status = kernel._layer(x.data_ptr(), x.shape[0], self.hidden, self.heads, self.ffn,
+                               ctypes.addressof(self._weights), ctypes.addressof(self._norms), self.eps,
+                               keys.data_ptr(), values.data_ptr(), key_scales.data_ptr(), value_scales.data_ptr(),
+                               values.shape[2], position, cross_k.data_ptr(), cross_v.data_ptr(), cross_k.shape[1],
+                               valid.data_ptr(), kernel.threads)
+        if status != 0:
+            raise MemoryError("the fused decoder layer could not allocate scratch memory")
+
+
+def _quantize_groups(groups: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group of 32: the clip ratio (of the min-max range, around its middle) with the least squared error."""
+    best_q = best_scale = best_offset = best_error = None
+    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+    middle, half = (low + high) / 2, (high - low) / 2
+    for ratio in CLIP_RATIOS:
+        lo = middle - half * ratio
+        scale = ((2 * half * ratio).clamp(min=1e-8) / levels).to(torch.float16)
+        offset = lo.to(torch.float16)
+        q = torch.round((groups - offset.float()) / scale.float()).clamp(0, levels)
+        error = ((q * scale.float() + offset.float() - groups) ** 2).sum(dim=-1, keepdim=True)
+        if best_error is None:
+            best_q, best_scale, best_offset, best_error = q, scale, offset, error
+        else:
+            better = error < best_error
+            best_q = torch.where(better, q, best_q)
+            best_scale = torch.where(better, scale, best_scale)
+            best_offset = torch.where(better, offset, best_offset)
+            best_error = torch.where(better, error, best_error)
+    return best_q.to(torch.uint8), best_scale, best_offset
+
+
+class PackedLowBit:
+    """A weight matrix in the kernel's layout (4 or 5 bits): nibbles (out, in/2), for 5 bits the fifth-bit planes
+    (out, in/8), and fp16 scales and offsets (out, in/32)."""
+
+    __slots__ = ("weight", "high_bits", "scale", "offset", "out_features", "in_features", "bits")
+
+    def __init__(self, weight: torch.Tensor, bits: int = 5):
         n, k = weight.shape
         if k % SUPERBLOCK:
             raise ValueError(f"in_features {k} is not a multiple of {SUPERBLOCK}")
-        groups = weight.detach().float().reshape(n, k // GROUP, GROUP)
-        low = groups.amin(dim=-1, keepdim=True)
-        high = groups.amax(dim=-1, keepdim=True)
-        scale = ((high - low).clamp(min=1e-8) / 15).to(torch.float16)
-        offset = low.to(torch.float16)
-        q = torch.round((groups - offset.float()) / scale.float()).clamp(0, 15).to(torch.uint8)
+        if bits not in (4, 5):
+            raise ValueError("bits must be 4 or 5")
+        q, scale, offset = _quantize_groups(weight.detach().float().reshape(n, k // GROUP, GROUP), 2 ** bits - 1)
+        s = k // SUPERBLOCK
         # (n, superblocks, lane, block, 4) → (n, superblocks, block, lane, 4): block b holds 4 weights per lane
-        blocks = q.reshape(n, k // SUPERBLOCK, 16, 8, 4).permute(0, 1, 3, 2, 4).reshape(n, k // SUPERBLOCK, 8, 64)
-        self.weight = (blocks[:, :, :4] | (blocks[:, :, 4:] << 4)).reshape(n, k // 2).contiguous()
+        blocks = q.reshape(n, s, 16, 8, 4).permute(0, 1, 3, 2, 4).reshape(n, s, 8, 64)
+        nibbles = blocks & 15
+        self.weight = (nibbles[:, :, :4] | (nibbles[:, :, 4:] << 4)).reshape(n, k // 2).contiguous()
+        self.high_bits = None
+        if bits == 5:
+            planes = np.packbits(((blocks >> 4) & 1).numpy(), axis=-1, bitorder="little")  # (n, s, 8 blocks, 8)
+            self.high_bits = torch.from_numpy(np.ascontiguousarray(planes.reshape(n, k // 8)))
         self.scale = scale.reshape(n, -1).contiguous()
         self.offset = offset.reshape(n, -1).contiguous()
-        self.out_features, self.in_features = n, k
+        self.out_features, self.in_features, self.bits = n, k, bits
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 matrix these bytes represent (tests compare the kernel against it)."""
         n, k = self.out_features, self.in_features
         packed = self.weight.reshape(n, k // SUPERBLOCK, 4, 64)
-        blocks = torch.cat([packed & 15, packed >> 4], dim=2).reshape(n, k // SUPERBLOCK, 8, 16, 4)
-        q = blocks.permute(0, 1, 3, 2, 4).reshape(n, k // GROUP, GROUP).float()
+        blocks = torch.cat([packed & 15, packed >> 4], dim=2).to(torch.int32)  # (n, s, 8 blocks, 64)
+        if self.high_bits is not None:
+            planes = self.high_bits.numpy().reshape(n, k // SUPERBLOCK, 8, 8)
+            fifth = np.unpackbits(planes, axis=-1, bitorder="little")
+            blocks = blocks | (torch.from_numpy(fifth.astype(np.int32)) << 4)
+        q = blocks.reshape(n, k // SUPERBLOCK, 8, 16, 4).permute(0, 1, 3, 2, 4).reshape(n, k // GROUP, GROUP).float()
         return (q * self.scale.float()[..., None] + self.offset.float()[..., None]).reshape(n, k)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.offset))
+        tensors = [self.weight, self.scale, self.offset] + ([self.high_bits] if self.high_bits is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _torch_openmp() -> Path | None:
@@ -101,17 +181,17 @@ def _cpu_signature() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def load_kernel(cache_dir: str) -> Int4Kernel | None:
+def load_kernel(cache_dir: str) -> LowBitKernel | None:
     """Compile (once per source and CPU) and load the kernel; None when that is not possible here."""
     if os.environ.get("I2M_NATIVE_KERNELS", "1").lower() in ("0", "false", "no", "off"):
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     openmp = _torch_openmp()
     if compiler is None or openmp is None or not SOURCE.is_file():
-        log.info("int4 kernel unavailable (compiler=%s, openmp=%s)", compiler, openmp)
+        log.info("low-bit kernel unavailable (compiler=%s, openmp=%s)", compiler, openmp)
         return None
     digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_signature().encode() + str(openmp).encode()).hexdigest()[:16]
-    target = Path(cache_dir) / "kernels" / f"int4_matmul-{digest}.so"
+    target = Path(cache_dir) / "kernels" / f"lowbit_matmul-{digest}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -122,13 +202,13 @@ def load_kernel(cache_dir: str) -> Int4Kernel | None:
                 subprocess.run(command, check=True, capture_output=True, timeout=120)
             except (subprocess.SubprocessError, OSError) as exc:
                 detail = getattr(exc, "stderr", b"") or b""
-                log.warning("int4 kernel did not compile: %s", detail.decode(errors="replace")[-400:] or exc)
+                log.warning("low-bit kernel did not compile: %s", detail.decode(errors="replace")[-400:] or exc)
                 return None
             os.replace(built, target)
     try:
-        kernel = Int4Kernel(ctypes.CDLL(str(target)), target)
+        kernel = LowBitKernel(ctypes.CDLL(str(target)), target)
     except OSError as exc:
-        log.warning("int4 kernel did not load: %s", exc)
+        log.warning("low-bit kernel did not load: %s", exc)
         return None
     if kernel.isa == "scalar":
         return None  # slower than PyTorch's own kernel

@@ -4,8 +4,8 @@ Decoding one audio frame reads every decoder weight once, so on a CPU it is boun
 bytes per weight means faster steps. `pack_linear` turns an fp32 weight matrix into a callable `x -> x @ W.T`
 in one of these formats (`resolve_format` picks what the machine supports):
 
-* `int4-native`: the project's kernel (`pipeline.native_kernels`): 4-bit weights in groups of 32 with fp16 scale
-  and offset, int8 activations, VNNI dot products; fp32 in and out;
+* `int5-native` / `int4-native`: the project's kernel (`pipeline.native_kernels`): 5- or 4-bit weights in groups
+  of 32 with fp16 scale and offset, int8 activations, VNNI dot products; fp32 in and out;
 * `int4-aten`: PyTorch's packed CPU kernel `_weight_int4pack_mm_for_cpu` (groups of 64), bf16 activations;
 * `int8`: 8-bit weights with a scale per output row (`_weight_int8pack_mm`), bf16 activations;
 * `bf16` / `fp16` / `fp32`: plain `F.linear` in that type (`fp32` is the reference).
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 INT4_ATEN_GROUPS = (64, 32)  # the first that divides the input size is used
-ACTIVATION_DTYPE = {"int4-native": torch.float32, "int4-aten": torch.bfloat16, "int8": torch.bfloat16,
+ACTIVATION_DTYPE = {"int5-native": torch.float32, "int4-native": torch.float32, "int4-aten": torch.bfloat16,
+                    "int8": torch.bfloat16,
                     "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -35,16 +36,19 @@ def int4_aten_supported() -> bool:
 
 
 def resolve_format(weights: str, device: str, cache_dir: str | None = None, native: bool = True):
-    """Settings value (int4 | int8 | bf16 | fp16 | fp32) → (format actually used, native kernel or None)."""
+    """Settings value (int5 | int4 | int8 | bf16 | fp16 | fp32) → (format actually used, native kernel or None)."""
     if device != "cpu":
-        return ("fp32" if weights == "fp32" else "fp16" if weights in ("int4", "int8", "fp16") else weights), None
-    if weights == "int4":
+        return ("fp32" if weights == "fp32" else "fp16" if weights in ("int5", "int4", "int8", "fp16") else weights), \
+            None
+    if weights in ("int5", "int4"):
         if native and cache_dir is not None:
             from .native_kernels import load_kernel
 
             kernel = load_kernel(str(cache_dir))
             if kernel is not None:
-                return "int4-native", kernel
+                return f"{weights}-native", kernel
+        if weights == "int5":
+            return "int8", None  # without the kernel, int8 is the closest accurate format PyTorch has
         return ("int4-aten" if int4_aten_supported() else "int8"), None
     if weights == "fp16":
         return "bf16", None  # fp16 matmuls are emulated on CPU; bf16 has the same size and native support
@@ -68,18 +72,19 @@ def pack_linear(weight: torch.Tensor, fmt: str, device: str = "cpu", kernel=None
     """`weight` is (out_features, in_features); the result maps (m, in) activations to (m, out)."""
     weight = weight.detach()
     n, k = weight.shape
-    if fmt == "int4-native" and kernel is not None:
-        from .native_kernels import SUPERBLOCK, PackedInt4
+    if fmt in ("int5-native", "int4-native") and kernel is not None:
+        from .native_kernels import SUPERBLOCK, PackedLowBit
 
         if k % SUPERBLOCK == 0:
-            return functools.partial(kernel.linear, packed=PackedInt4(weight))
-        fmt = "int4-aten" if int4_aten_supported() else "int8"  # odd shapes (tiny test models) use PyTorch's
-        return _cast_after(pack_linear(weight, fmt, device), torch.float32)
+            return functools.partial(kernel.linear, packed=PackedLowBit(weight, bits=int(fmt[3])))
+        # shapes the kernel does not tile (tiny test models) use PyTorch's kernels
+        fallback = "int8" if fmt == "int5-native" or not int4_aten_supported() else "int4-aten"
+        return _cast_after(pack_linear(weight, fallback, device), torch.float32)
     group = next((g for g in INT4_ATEN_GROUPS if k % g == 0), None)
     if fmt == "int4-aten" and group and n % 16 == 0:
         packed, scales = _pack_int4_aten(weight, group)
         return functools.partial(_int4_aten_mm, packed=packed, scales=scales, group=group)
-    if fmt in ("int4-aten", "int4-native", "int8"):
+    if fmt in ("int4-aten", "int4-native", "int5-native", "int8"):
         scale = weight.float().abs().amax(dim=1).clamp(min=1e-8) / 127
         q = torch.round(weight.float() / scale[:, None]).clamp(-128, 127).to(torch.int8).contiguous()
         return functools.partial(_int8_mm, q=q, scales=scale.to(torch.bfloat16))

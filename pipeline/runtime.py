@@ -13,7 +13,7 @@ from .settings import Settings
 class Runtime:
     device: str  # "cpu" or "cuda"
     dtype: "torch.dtype"  # float type of BLIP, CLIP and the T5 text encoder  # noqa: F821
-    music_weights: str  # int4 | int8 | bf16 | fp16 | fp32
+    music_weights: str  # int5 | int4 | int8 | bf16 | fp16 | fp32
 
     @property
     def on_gpu(self) -> bool:
@@ -48,7 +48,7 @@ def resolve_runtime(settings: Settings) -> Runtime:
         dtype = torch.float32  # half precision matmuls are emulated and slow on CPU
     weights = settings.music_weights
     if weights == "auto":
-        weights = "fp16" if device == "cuda" else "int4"
-    if device == "cuda" and weights in ("int4", "int8"):
+        weights = "fp16" if device == "cuda" else "int5"
+    if device == "cuda" and weights in ("int5", "int4", "int8"):
         weights = "fp16"  # the CPU packed kernels have no CUDA counterpart with this layout
     return Runtime(device=device, dtype=dtype, music_weights=weights)

@@ -81,14 +81,15 @@ class Settings:
                           "`float32`, `bfloat16`, `float16`.", choices=("auto", "float32", "bfloat16", "float16"))
     caption_int8: bool = _setting("I2M_CAPTION_INT8", True, "Dynamic int8 quantization of BLIP's linear layers on CPU.")
     music_weights: str = _setting("I2M_MUSIC_WEIGHTS", "auto",
-                                  "MusicGen decoder weights: `auto` (int4 on CPU, fp16 on GPU), `int4`, `int8`, "
-                                  "`bf16`, `fp32`.", choices=("auto", "int4", "int8", "bf16", "fp32", "fp16"))
+                                  "MusicGen decoder weights: `auto` (int5 on CPU, fp16 on GPU), `int5`, `int4`, "
+                                  "`int8`, `bf16`, `fp32` (the reference).",
+                                  choices=("auto", "int5", "int4", "int8", "bf16", "fp32", "fp16"))
     music_decoder: str = _setting("I2M_MUSIC_DECODER", "fast",
                                   "`fast`: the project's lean decode loop; `reference`: transformers' `generate`.",
                                   choices=("fast", "reference"))
     native_kernels: bool = _setting("I2M_NATIVE_KERNELS", True,
-                                    "Compile the project's int4 CPU kernel with the system C compiler on first use; "
-                                    "off = PyTorch's own int4 kernel.")
+                                    "Compile the project's int5/int4 CPU kernel with the system C compiler on first "
+                                    "use; off = PyTorch's own kernels (int8 for int5).")
     threads: int = _setting("I2M_THREADS", 0, "Torch CPU threads; 0 = all cores.", low=0, high=256)
     # Limits
     min_duration_s: float = _setting("I2M_MIN_DURATION", 1.0, "Shortest clip in seconds.", low=0.5, high=30)

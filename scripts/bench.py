@@ -86,6 +86,7 @@ def bench_music(args) -> dict:
 
     from pipeline.fast_decoder import FastMusicgenDecoder, Sampling
     from pipeline.musicgen import MusicGenerator, MusicRequest
+    from pipeline.runtime import resolve_runtime
     from pipeline.settings import Settings
     from scripts.real_size import musicgen_small
 
@@ -119,7 +120,7 @@ def bench_music(args) -> dict:
                               attention_mask=torch.cat([inputs.attention_mask, torch.zeros_like(inputs.attention_mask)]),
                               decoder_input_ids=torch.cat([tokens, tokens]).reshape(8, 64)).logits
         reference = reference.reshape(2, 4, 64, -1).permute(0, 2, 1, 3)
-        weights = args.weights or ("fp16" if device == "cuda" else "int4")
+        weights = args.weights or resolve_runtime(settings.replace(device=device)).music_weights
         fast = FastMusicgenDecoder(model, weights=weights, device=device, cache_dir=settings.cache_dir,
                                    keep_reference=True, native_kernels=settings.native_kernels)
         got = fast.teacher_forced_logits(inputs.input_ids, inputs.attention_mask, tokens)
@@ -476,7 +477,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--seconds", type=float, default=5.0, help="music: clip length")
-    parser.add_argument("--weights", help="music: decoder weights (default int4 on CPU, fp16 on GPU)")
+    parser.add_argument("--weights", help="music: decoder weights (default: as the app, int5 on CPU, fp16 on GPU)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--tracks", type=int, default=1_200_000)
     parser.add_argument("--passages", type=int, default=100_000)

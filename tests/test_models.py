@@ -227,7 +227,8 @@ def test_reference_backend_streams_through_the_per_step_hook(demo_paths):
 
 # -- the fast decoder's quality guard --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("weights, floor", [("fp32", 0.999999), ("bf16", 0.999), ("int8", 0.995), ("int4", 0.99)])
+@pytest.mark.parametrize("weights, floor", [("fp32", 0.999999), ("bf16", 0.999), ("int8", 0.995), ("int5", 0.99),
+                                            ("int4", 0.99)])
 def test_fast_decoder_logits_match_the_reference_under_teacher_forcing(demo_paths, cache_dir, weights, floor):
     from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
 
@@ -251,19 +252,52 @@ def test_fast_decoder_logits_match_the_reference_under_teacher_forcing(demo_path
     assert cosine >= floor, (weights, fast.format, float(cosine))
 
 
-def test_native_int4_kernel_matches_its_dequantized_weights(cache_dir):
-    from pipeline.native_kernels import PackedInt4, load_kernel
+@pytest.mark.parametrize("bits", [4, 5])
+def test_native_kernel_matches_its_dequantized_weights(cache_dir, bits):
+    from pipeline.native_kernels import PackedLowBit, load_kernel
 
     kernel = load_kernel(str(cache_dir))
     if kernel is None:
         pytest.skip("no C compiler or no AVX2/AVX-512 VNNI on this machine")
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(bits)
     for n, k_in, m in ((256, 512, 2), (96, 1024, 1), (64, 1536, 3)):
         weight = torch.randn(n, k_in, generator=generator) * 0.02
         x = torch.randn(m, k_in, generator=generator)
-        packed = PackedInt4(weight)
+        packed = PackedLowBit(weight, bits=bits)
         got = kernel.linear(x, packed)
         exact = x @ packed.dequantized().T
         cosine = torch.nn.functional.cosine_similarity(got.flatten(), exact.flatten(), dim=0)
         assert cosine > 0.9999 and torch.allclose(got, exact, atol=0.05 * exact.abs().max().item())
-        assert torch.nn.functional.cosine_similarity(got.flatten(), (x @ weight.T).flatten(), dim=0) > 0.99
+        floor = 0.995 if bits == 4 else 0.999
+        assert torch.nn.functional.cosine_similarity(got.flatten(), (x @ weight.T).flatten(), dim=0) > floor
+    weight = torch.randn(64, 512, generator=generator)
+    assert (PackedLowBit(weight, bits=5).dequantized() - weight).abs().mean() < \
+        (PackedLowBit(weight, bits=4).dequantized() - weight).abs().mean()
+
+
+def test_the_scalar_and_avx2_paths_agree_with_the_fast_one(cache_dir, tmp_path):
+    """The kernel is compiled for the machine it runs on; build the portable paths too and compare them."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    from pipeline import native_kernels
+    from pipeline.native_kernels import PackedLowBit, load_kernel
+
+    kernel = load_kernel(str(cache_dir))
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if kernel is None or compiler is None:
+        pytest.skip("no native kernel here")
+    openmp = native_kernels._torch_openmp()
+    weight = torch.randn(128, 1024, generator=torch.Generator().manual_seed(3)) * 0.02
+    x = torch.randn(2, 1024, generator=torch.Generator().manual_seed(4))
+    for bits in (4, 5):
+        packed = PackedLowBit(weight, bits=bits)
+        expected = kernel.linear(x, packed)
+        for flags in (["-march=x86-64", "-mf16c"], ["-march=haswell"]):
+            target = tmp_path / f"k{bits}{flags[0][7:]}.so"
+            subprocess.run([compiler, "-O2", *flags, "-fopenmp", "-shared", "-fPIC", str(native_kernels.SOURCE),
+                            "-o", str(target), f"-L{openmp.parent}", f"-Wl,-rpath,{openmp.parent}",
+                            f"-l:{openmp.name}", "-lm"], check=True, capture_output=True)
+            other = native_kernels.LowBitKernel(ctypes.CDLL(str(target)), target)
+            assert torch.allclose(other.linear(x, packed), expected, rtol=1e-4, atol=1e-4), (bits, flags)

@@ -1,0 +1,459 @@
+/* y = x @ W.T with W in 4- or 5-bit groups and x quantized to int8 on the fly (llama.cpp's Q4_1/Q5_1 x Q8).
+ *
+ * Layout (pipeline/native_kernels.py packs it): weights come in superblocks of 512 input columns = 16 groups of
+ * 32, one group per 32-bit lane. Block b (0..7) of a superblock holds, for each lane g, the 4 weights
+ * [32g + 4b, 32g + 4b + 4), so one VNNI dot-product instruction (vpdpbusd: 4 u8 x s8 products summed into each
+ * 32-bit lane) advances all 16 groups at once, and after 8 blocks lane g holds group g's integer sum.
+ * Two blocks share 64 bytes: low nibbles = block i, high nibbles = block i + 4. 5-bit weights add, per block,
+ * a 64-bit plane of fifth bits (bit j set = byte j of the block gains 16), expanded with one masked move.
+ * Nibbles, fifth-bit planes, scales and offsets are four separate arrays, each read front to back (measured
+ * faster here than one interleaved record per superblock).
+ * Per group: weight = d * q + mn (q in 0..15 or 0..31, d and mn fp16); activation = xs * xq (xq int8), so
+ * sum(x * w) = d * xs * sum(xq * q) + mn * xs * sum(xq).
+ * Decoding reads every weight once per step, so the loop streams the weights with software prefetch.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#define GS 32
+#define SB 512
+#ifndef PREFETCH
+#define PREFETCH 3072
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define ISA 2
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ISA 1
+#else
+#define ISA 0
+#endif
+
+int i4_isa(void) { return ISA; }
+
+
+static void quantize(const float* x, int M, int K, int8_t* xq, float* xs, float* xsum) {
+    const int ng = K / GS;
+    for (int m = 0; m < M; m++) {
+        const float* xr = x + (size_t)m * K;
+        int8_t* qr = xq + (size_t)m * K;
+        for (int g = 0; g < ng; g++) {
+            const float* v = xr + g * GS;
+            const int s = g / 16, lane = g % 16;
+#if ISA == 2
+            const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            const __m512 id = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+            const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, id));  /* round to nearest even, like lrintf */
+            const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
+            const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+            int8_t packed[32];
+            _mm_storeu_si128((__m128i*)packed, _mm512_cvtsepi32_epi8(qa));
+            _mm_storeu_si128((__m128i*)(packed + 16), _mm512_cvtsepi32_epi8(qb));
+            for (int blk = 0; blk < 8; blk++) memcpy(qr + s * SB + blk * 64 + lane * 4, packed + blk * 4, 4);
+#else
+            float amax = 0.f;
+            for (int j = 0; j < GS; j++) { const float a = fabsf(v[j]); amax = a > amax ? a : amax; }
+            const float id = amax > 0.f ? 127.f / amax : 0.f;
+            int sum = 0;
+            for (int j = 0; j < GS; j++) {
+                const int q = (int)lrintf(v[j] * id);
+                sum += q;
+                qr[s * SB + (j / 4) * 64 + lane * 4 + (j % 4)] = (int8_t)q;
+            }
+#endif
+            xs[m * ng + g] = amax / 127.f;
+            xsum[m * ng + g] = amax / 127.f * (float)sum;
+        }
+    }
+}
+
+#if ISA == 1
+/* u8 x s8 dot products of 4 adjacent bytes into 32-bit lanes, as vpdpbusd does */
+static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
+    const __m256i pairs = _mm256_maddubs_epi16(u, s); /* no saturation: 2 * 31 * 127 < 32767 */
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+/* 32 bits -> 32 bytes holding 16 where the bit is set */
+static inline __m256i fifth_bits(uint32_t bits) {
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits),
+        _mm256_setr_epi64x(0x0000000000000000LL, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL));
+    const __m256i select = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+    return _mm256_and_si256(set, _mm256_set1_epi8(16));
+}
+#endif
+
+/* always inlined with a constant `bits`, so each width gets its own branch-free loop */
+static inline __attribute__((always_inline)) void row(
+        const uint8_t* wr, const uint8_t* hr, const uint16_t* dr, const uint16_t* mr, int bits, const int8_t* x0,
+        const int8_t* x1, const float* s0, const float* s1, const float* o0, const float* o1, int two, int K,
+        float* y0, float* y1) {
+    const int ns = K / SB;
+#if ISA == 2
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i sixteen = _mm512_set1_epi8(16);
+    __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
+    for (int s = 0; s < ns; s++) {
+        const uint8_t* wb = wr + s * (SB / 2);
+        const uint8_t* hb = hr + s * 64;
+        for (int p = 0; p < 256; p += 64) _mm_prefetch((const char*)(wb + PREFETCH + p), _MM_HINT_T0);
+        if (bits == 5) _mm_prefetch((const char*)(hb + PREFETCH / 4), _MM_HINT_T0);
+        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+        const int8_t* xb0 = x0 + s * SB;
+        const int8_t* xb1 = x1 + s * SB;
+        for (int i = 0; i < 4; i++) {
+            const __m512i b = _mm512_loadu_si512((const void*)(wb + 64 * i));
+            __m512i lo = _mm512_and_si512(b, low);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+            if (bits == 5) {
+                uint64_t bits_lo, bits_hi;
+                memcpy(&bits_lo, hb + 8 * i, 8);
+                memcpy(&bits_hi, hb + 8 * (i + 4), 8);
+                lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi8(_cvtu64_mask64(bits_lo), sixteen));
+                hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(_cvtu64_mask64(bits_hi), sixteen));
+            }
+            a0 = _mm512_dpbusd_epi32(a0, lo, _mm512_loadu_si512((const void*)(xb0 + 64 * i)));
+            a0 = _mm512_dpbusd_epi32(a0, hi, _mm512_loadu_si512((const void*)(xb0 + 64 * (i + 4))));
+            if (two) {
+                a1 = _mm512_dpbusd_epi32(a1, lo, _mm512_loadu_si512((const void*)(xb1 + 64 * i)));
+                a1 = _mm512_dpbusd_epi32(a1, hi, _mm512_loadu_si512((const void*)(xb1 + 64 * (i + 4))));
+            }
+        }
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dr + s * 16)));
+        const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mr + s * 16)));
+        f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), _mm512_mul_ps(dv, _mm512_loadu_ps(s0 + s * 16)), f0);
+        f0 = _mm512_fmadd_ps(mv, _mm512_loadu_ps(o0 + s * 16), f0);
+        if (two) {
+            f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), _mm512_mul_ps(dv, _mm512_loadu_ps(s1 + s * 16)), f1);
+            f1 = _mm512_fmadd_ps(mv, _mm512_loadu_ps(o1 + s * 16), f1);
+        }
+    }
+    *y0 = _mm512_reduce_add_ps(f0);
+    if (two) *y1 = _mm512_reduce_add_ps(f1);
+#elif ISA == 1
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
+    for (int s = 0; s < ns; s++) {
+        const uint8_t* wb = wr + s * (SB / 2);
+        const uint8_t* hb = hr + s * 64;
+        for (int p = 0; p < 256; p += 64) _mm_prefetch((const char*)(wb + PREFETCH + p), _MM_HINT_T0);
+        if (bits == 5) _mm_prefetch((const char*)(hb + PREFETCH / 4), _MM_HINT_T0);
+        for (int half = 0; half < 2; half++) { /* lanes 0-7, then 8-15 */
+            __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+            const int8_t* xb0 = x0 + s * SB + 32 * half;
+            const int8_t* xb1 = x1 + s * SB + 32 * half;
+            for (int i = 0; i < 4; i++) {
+                const __m256i b = _mm256_loadu_si256((const __m256i*)(wb + 64 * i + 32 * half));
+                __m256i lo = _mm256_and_si256(b, low);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+                if (bits == 5) {
+                    uint32_t bits_lo, bits_hi;
+                    memcpy(&bits_lo, hb + 8 * i + 4 * half, 4);
+                    memcpy(&bits_hi, hb + 8 * (i + 4) + 4 * half, 4);
+                    lo = _mm256_or_si256(lo, fifth_bits(bits_lo));
+                    hi = _mm256_or_si256(hi, fifth_bits(bits_hi));
+                }
+                a0 = dot4(a0, lo, _mm256_loadu_si256((const __m256i*)(xb0 + 64 * i)));
+                a0 = dot4(a0, hi, _mm256_loadu_si256((const __m256i*)(xb0 + 64 * (i + 4))));
+                if (two) {
+                    a1 = dot4(a1, lo, _mm256_loadu_si256((const __m256i*)(xb1 + 64 * i)));
+                    a1 = dot4(a1, hi, _mm256_loadu_si256((const __m256i*)(xb1 + 64 * (i + 4))));
+                }
+            }
+            const int off = s * 16 + 8 * half;
+            const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dr + off)));
+            const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mr + off)));
+            f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), _mm256_mul_ps(dv, _mm256_loadu_ps(s0 + off)), f0);
+            f0 = _mm256_fmadd_ps(mv, _mm256_loadu_ps(o0 + off), f0);
+            if (two) {
+                f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), _mm256_mul_ps(dv, _mm256_loadu_ps(s1 + off)), f1);
+                f1 = _mm256_fmadd_ps(mv, _mm256_loadu_ps(o1 + off), f1);
+            }
+        }
+    }
+    float t0[8], t1[8];
+    _mm256_storeu_ps(t0, f0);
+    _mm256_storeu_ps(t1, f1);
+    *y0 = t0[0] + t0[1] + t0[2] + t0[3] + t0[4] + t0[5] + t0[6] + t0[7];
+    if (two) *y1 = t1[0] + t1[1] + t1[2] + t1[3] + t1[4] + t1[5] + t1[6] + t1[7];
+#else
+    for (int r = 0; r <= two; r++) {
+        const int8_t* xr = r ? x1 : x0;
+        const float* sr = r ? s1 : s0;
+        const float* orr = r ? o1 : o0;
+        float acc = 0.f;
+        for (int s = 0; s < ns; s++) {
+            const uint8_t* wb = wr + s * (SB / 2);
+            const uint8_t* hb = hr + s * 64;
+            int32_t lane[16] = {0};
+            for (int i = 0; i < 4; i++)
+                for (int byte = 0; byte < 64; byte++) {
+                    const uint8_t b = wb[64 * i + byte];
+                    int lo = b & 15, hi = b >> 4;
+                    if (bits == 5) {
+                        lo |= ((hb[8 * i + byte / 8] >> (byte % 8)) & 1) << 4;
+                        hi |= ((hb[8 * (i + 4) + byte / 8] >> (byte % 8)) & 1) << 4;
+                    }
+                    lane[byte / 4] += lo * xr[s * SB + 64 * i + byte] + hi * xr[s * SB + 64 * (i + 4) + byte];
+                }
+            for (int g = 0; g < 16; g++)
+                acc += _cvtsh_ss(dr[s * 16 + g]) * sr[s * 16 + g] * (float)lane[g]
+                     + _cvtsh_ss(mr[s * 16 + g]) * orr[s * 16 + g];
+        }
+        *(r ? y1 : y0) = acc;
+    }
+#endif
+}
+
+typedef struct {
+    const uint8_t* w;    /* nibbles (N, K/2) */
+    const uint8_t* hb;   /* fifth-bit planes (N, K/8), NULL for 4 bits */
+    const uint16_t* d;   /* fp16 scales (N, K/32) */
+    const uint16_t* mn;  /* fp16 offsets (N, K/32) */
+} packed_t;
+
+enum { ACT_NONE = 0, ACT_GELU = 1 };
+
+static inline float gelu(float v) { return 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); }
+
+/* y (M, N) = act(x (M, K) @ W.T) [+ add (M, N)]; `add` may alias y. Returns 0 or -1 (out of memory). */
+static int matmul(const float* x, int M, int K, const packed_t* W, float* y, int N, const float* add, int act,
+                  int threads) {
+    const int ng = K / GS;
+    int8_t* xq = (int8_t*)aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
+    float* xs = (float*)malloc(sizeof(float) * (size_t)M * ng);
+    float* xsum = (float*)malloc(sizeof(float) * (size_t)M * ng);
+    if (!xq || !xs || !xsum) { free(xq); free(xs); free(xsum); return -1; }
+    quantize(x, M, K, xq, xs, xsum);
+    #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : omp_get_max_threads())
+    for (int n = 0; n < N; n++) {
+        const uint8_t* wr = W->w + (size_t)n * (K / 2);
+        const uint8_t* hr = W->hb ? W->hb + (size_t)n * (K / 8) : NULL;
+        const uint16_t* dr = W->d + (size_t)n * ng;
+        const uint16_t* mr = W->mn + (size_t)n * ng;
+        for (int m0 = 0; m0 < M; m0 += 2) {
+            const int two = m0 + 1 < M;
+            const int8_t* x0 = xq + (size_t)m0 * K;
+            const float* s0 = xs + (size_t)m0 * ng;
+            const float* o0 = xsum + (size_t)m0 * ng;
+            float v0 = 0.f, v1 = 0.f;
+            if (hr)
+                row(wr, hr, dr, mr, 5, x0, two ? x0 + K : x0, s0, two ? s0 + ng : s0, o0, two ? o0 + ng : o0, two,
+                    K, &v0, &v1);
+            else
+                row(wr, hr, dr, mr, 4, x0, two ? x0 + K : x0, s0, two ? s0 + ng : s0, o0, two ? o0 + ng : o0, two,
+                    K, &v0, &v1);
+            for (int r = 0; r <= two; r++) {
+                float v = r ? v1 : v0;
+                if (act == ACT_GELU) v = gelu(v);
+                const size_t at = (size_t)(m0 + r) * N + n;
+                y[at] = add ? add[at] + v : v;
+            }
+        }
+    }
+    free(xq); free(xs); free(xsum);
+    return 0;
+}
+
+/* x (M, K) fp32; W: nibbles w (N, K/2), fifth-bit planes hb (N, K/8, NULL for 4 bits), scales d and offsets mn
+   (N, K/32, fp16) -> y (M, N) fp32, using `threads` threads (0: the OpenMP default). K is a multiple of 512.
+   Returns 0, or -1 when scratch memory could not be allocated. */
+int i4_linear(const float* x, int M, int K, const uint8_t* w, const uint8_t* hb, const uint16_t* d,
+              const uint16_t* mn, float* y, int N, int threads) {
+    const packed_t W = {w, hb, d, mn};
+    return matmul(x, M, K, &W, y, N, NULL, ACT_NONE, threads);
+}
+
+/* ---- one MusicGen decoder layer for one position, in place on the residual stream ----------------------------
+ * Pre-norm self-attention over the KV cache (int8, (B, H, T, Dh)), cross-attention of row 0 only over the text's
+ * keys and values (fp32, (H, Tt, Dh)) — the unconditional row of classifier-free guidance attends to nothing and
+ * gets exactly zero — and a GELU feed-forward block. Mirrors transformers' MusicgenDecoderLayer (eval mode).
+ */
+static void layer_norm(const float* x, float* y, int D, const float* w, const float* b, float eps) {
+    double mean = 0.0, var = 0.0;
+    for (int i = 0; i < D; i++) mean += x[i];
+    mean /= D;
+    for (int i = 0; i < D; i++) { const double c = x[i] - mean; var += c * c; }
+    const float inv = (float)(1.0 / sqrt(var / D + eps));
+    for (int i = 0; i < D; i++) y[i] = (float)(x[i] - mean) * inv * w[i] + b[i];
+}
+
+/* the KV cache holds int8 vectors with one fp32 scale per (row, head, position): half of bf16's bytes, which
+   matters because attention reads the whole cache every step */
+static inline float quantize_vector(const float* v, int8_t* q, int dh) {
+    float amax = 0.f;
+    for (int i = 0; i < dh; i++) { const float a = fabsf(v[i]); amax = a > amax ? a : amax; }
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    for (int i = 0; i < dh; i++) q[i] = (int8_t)lrintf(v[i] * id);
+    return amax / 127.f;
+}
+
+static inline void axpy_i8(float p, const int8_t* v, float* out, int dh) {
+#if ISA == 2
+    if (dh % 16 == 0) {
+        const __m512 pv = _mm512_set1_ps(p);
+        for (int i = 0; i < dh; i += 16) {
+            const __m512 vv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(v + i))));
+            _mm512_storeu_ps(out + i, _mm512_fmadd_ps(pv, vv, _mm512_loadu_ps(out + i)));
+        }
+        return;
+    }
+#endif
+    for (int i = 0; i < dh; i++) out[i] += p * (float)v[i];
+}
+
+#if ISA == 2
+/* e^x for x <= 0, 16 lanes: Cody-Waite range reduction and a degree-6 polynomial (relative error ~1e-7) */
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* Self-attention of one head over its int8 cache: keys stored transposed (Dh, Tmax) so that 16 positions' scores
+   come from one FMA per dimension, values (Tmax, Dh); one fp32 scale per position for each. */
+static void attend_cache(const float* q, const int8_t* keys_t, const int8_t* values, const float* k_scale,
+                         const float* v_scale, int T, int Tmax, int dh, float* scores, float* out) {
+    const float scale = 1.f / sqrtf((float)dh);
+    for (int i = 0; i < dh; i++) out[i] = 0.f;
+    int t0 = 0;
+    float top = -INFINITY;
+#if ISA == 2
+    for (; t0 + 16 <= T; t0 += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < dh; i++) {
+            const __m512 k = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_loadu_si128((const __m128i*)(keys_t + (size_t)i * Tmax + t0))));
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), k, acc);
+        }
+        acc = _mm512_mul_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(k_scale + t0), _mm512_set1_ps(scale)));
+        _mm512_storeu_ps(scores + t0, acc);
+        const float m = _mm512_reduce_max_ps(acc);
+        top = m > top ? m : top;
+    }
+#endif
+    for (int t = t0; t < T; t++) {
+        float dot = 0.f;
+        for (int i = 0; i < dh; i++) dot += q[i] * (float)keys_t[(size_t)i * Tmax + t];
+        scores[t] = dot * k_scale[t] * scale;
+        top = scores[t] > top ? scores[t] : top;
+    }
+    float total = 0.f;
+    t0 = 0;
+#if ISA == 2
+    __m512 sum = _mm512_setzero_ps();
+    for (; t0 + 16 <= T; t0 += 16) {
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + t0), _mm512_set1_ps(top)));
+        _mm512_storeu_ps(scores + t0, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    total = _mm512_reduce_add_ps(sum);
+#endif
+    for (int t = t0; t < T; t++) {
+        scores[t] = expf(scores[t] - top);
+        total += scores[t];
+    }
+    const float norm = 1.f / total;
+    for (int t = 0; t < T; t++) axpy_i8(scores[t] * norm * v_scale[t], values + (size_t)t * dh, out, dh);
+}
+
+/* softmax(q . k_t / sqrt(dh)) . v_t over t < T for one head, fp32 keys and values (the text's, for
+   cross-attention); `valid` (optional) masks positions out. */
+static void attend(const float* q, const float* keys, const float* values, int T, int dh, const uint8_t* valid,
+                   float* scores, float* out) {
+    const float scale = 1.f / sqrtf((float)dh);
+    float top = -INFINITY;
+    for (int t = 0; t < T; t++) {
+        if (valid && !valid[t]) { scores[t] = -INFINITY; continue; }
+        float dot = 0.f;
+        const float* k = keys + (size_t)t * dh;
+        for (int i = 0; i < dh; i++) dot += q[i] * k[i];
+        scores[t] = dot * scale;
+        top = scores[t] > top ? scores[t] : top;
+    }
+    for (int i = 0; i < dh; i++) out[i] = 0.f;
+    if (top == -INFINITY) return;  /* nothing to attend to: zero, as a fully masked softmax over zero values */
+    float total = 0.f;
+    for (int t = 0; t < T; t++) {
+        const float p = scores[t] == -INFINITY ? 0.f : expf(scores[t] - top);
+        scores[t] = p;
+        total += p;
+    }
+    const float norm = 1.f / total;
+    for (int t = 0; t < T; t++) {
+        const float p = scores[t] * norm;
+        if (p == 0.f) continue;
+        const float* v = values + (size_t)t * dh;
+        for (int i = 0; i < dh; i++) out[i] += p * v[i];
+    }
+}
+
+/* weights[6]: qkv (3D x D), out (D x D), cross_q (D x D), cross_out (D x D), fc1 (F x D), fc2 (D x F).
+   norms[6]: ln1 w, b, ln2 w, b, ln3 w, b. x: (B, D), updated. Caches: int8 keys (B, H, Dh, Tmax), i.e.
+   transposed, and values (B, H, Tmax, Dh), with fp32 scales (B, H, Tmax); position `pos` is written and
+   attended to (dh <= 256). Cross keys/values: (H, Tt, Dh) fp32 with `valid` (Tt)
+   marking real text tokens. Returns 0 or -1 (out of memory). */
+int mg_layer(float* x, int B, int D, int H, int F, const packed_t* weights, const float* const* norms, float eps,
+             int8_t* kcache, int8_t* vcache, float* kscale, float* vscale, int Tmax, int pos, const float* ck,
+             const float* cv, int Tt, const uint8_t* valid, int threads) {
+    const int dh = D / H;
+    const int nthreads = threads > 0 ? threads : omp_get_max_threads();
+    const int span = (pos + 1 > Tt ? pos + 1 : Tt);
+    float* y = (float*)malloc(sizeof(float) * (size_t)B * F);
+    float* qkv = (float*)malloc(sizeof(float) * (size_t)B * 3 * D);
+    float* attn = (float*)malloc(sizeof(float) * (size_t)B * D);
+    float* scores = (float*)malloc(sizeof(float) * (size_t)nthreads * span);
+    if (!y || !qkv || !attn || !scores) { free(y); free(qkv); free(attn); free(scores); return -1; }
+    int status = 0;
+
+    /* self-attention */
+    for (int b = 0; b < B; b++) layer_norm(x + (size_t)b * D, y + (size_t)b * D, D, norms[0], norms[1], eps);
+    status |= matmul(y, B, D, &weights[0], qkv, 3 * D, NULL, ACT_NONE, threads);
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int bh = 0; bh < B * H; bh++) {
+        const int b = bh / H, h = bh % H;
+        const size_t row = ((size_t)b * H + h) * Tmax;
+        const float* q = qkv + (size_t)b * 3 * D + h * dh;
+        int8_t key[256];
+        kscale[row + pos] = quantize_vector(q + D, key, dh);
+        for (int i = 0; i < dh; i++) kcache[row * dh + (size_t)i * Tmax + pos] = key[i];  /* keys transposed */
+        vscale[row + pos] = quantize_vector(q + 2 * D, vcache + (row + pos) * dh, dh);
+        attend_cache(q, kcache + row * dh, vcache + row * dh, kscale + row, vscale + row, pos + 1, Tmax, dh,
+                     scores + (size_t)omp_get_thread_num() * span, attn + (size_t)b * D + h * dh);
+    }
+    status |= matmul(attn, B, D, &weights[1], x, D, x, ACT_NONE, threads);
+
+    /* cross-attention, conditional row only */
+    layer_norm(x, y, D, norms[2], norms[3], eps);
+    status |= matmul(y, 1, D, &weights[2], qkv, D, NULL, ACT_NONE, threads);
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int h = 0; h < H; h++)
+        attend(qkv + h * dh, ck + (size_t)h * Tt * dh, cv + (size_t)h * Tt * dh, Tt, dh, valid,
+               scores + (size_t)omp_get_thread_num() * span, attn + h * dh);
+    status |= matmul(attn, 1, D, &weights[3], x, D, x, ACT_NONE, threads);
+
+    /* feed-forward */
+    for (int b = 0; b < B; b++) layer_norm(x + (size_t)b * D, attn + (size_t)b * D, D, norms[4], norms[5], eps);
+    status |= matmul(attn, B, D, &weights[4], y, F, NULL, ACT_GELU, threads);
+    status |= matmul(y, B, F, &weights[5], x, D, x, ACT_NONE, threads);
+
+    free(y); free(qkv); free(attn); free(scores);
+    return status ? -1 : 0;
+}
