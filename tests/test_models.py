@@ -301,3 +301,74 @@ def test_the_scalar_and_avx2_paths_agree_with_the_fast_one(cache_dir, tmp_path):
                             f"-l:{openmp.name}", "-lm"], check=True, capture_output=True)
             other = native_kernels.LowBitKernel(ctypes.CDLL(str(target)), target)
             assert torch.allclose(other.linear(x, packed), expected, rtol=1e-4, atol=1e-4), (bits, flags)
+
+
+@pytest.fixture(scope="module")
+def tileable_musicgen():
+    """A small MusicGen whose decoder shapes the native kernel tiles (multiples of 512), so that the fused C
+    layer — not the per-op PyTorch path the tiny demo model takes — is what runs."""
+    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration,
+                              T5Config)
+
+    from pipeline.demo_models import randomize_codebooks
+
+    text = T5Config(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                    relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    audio = EncodecConfig(sampling_rate=32000, audio_channels=1, num_filters=4, hidden_size=16,
+                          upsampling_ratios=[8, 5, 4, 4], codebook_size=64, codebook_dim=16, target_bandwidths=[1.2],
+                          use_causal_conv=False, norm_type="weight_norm", normalize=False, pad_mode="reflect",
+                          num_lstm_layers=2, compress=2, num_residual_layers=1, chunk_length_s=None, overlap=None)
+    decoder = MusicgenDecoderConfig(vocab_size=64, hidden_size=512, num_hidden_layers=2, num_attention_heads=8,
+                                    ffn_dim=1024, num_codebooks=4, max_position_embeddings=256, pad_token_id=64,
+                                    bos_token_id=64, dropout=0.0)
+    config = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
+    config.decoder_start_token_id = config.pad_token_id = 64
+    torch.manual_seed(0)
+    model = MusicgenForConditionalGeneration(config).eval()
+    randomize_codebooks(model.audio_encoder)
+    return model
+
+
+def test_the_fused_c_layer_matches_the_reference_and_the_pytorch_path(tileable_musicgen, cache_dir):
+    from pipeline.fast_decoder import FastMusicgenDecoder
+
+    model = tileable_musicgen
+    ids = torch.tensor([[5, 9, 13, 1]])
+    mask = torch.ones_like(ids)
+    k, length = 4, 40  # more than 16 positions: the vectorised attention and its scalar tail both run
+    tokens = torch.randint(0, 64, (1, k, length), generator=torch.Generator().manual_seed(2))
+    tokens[:, :, 0] = 64
+    with torch.no_grad():
+        encoded = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = model(encoder_outputs=(torch.cat([encoded, torch.zeros_like(encoded)]),),
+                         attention_mask=torch.cat([mask, torch.zeros_like(mask)]),
+                         decoder_input_ids=torch.cat([tokens, tokens]).reshape(2 * k, length)).logits
+    expected = expected.reshape(2, k, length, -1).permute(0, 2, 1, 3)
+    fused = FastMusicgenDecoder(copy.deepcopy(model), weights="int5", cache_dir=str(cache_dir), keep_reference=True)
+    if fused._fused is None:
+        pytest.skip("no native kernel on this machine")
+    per_op = FastMusicgenDecoder(copy.deepcopy(model), weights="int5", cache_dir=str(cache_dir), keep_reference=True)
+    per_op._fused = None  # same packed weights, PyTorch for everything but the matrix products
+    got = fused.teacher_forced_logits(ids, mask, tokens)
+    cosine = torch.nn.functional.cosine_similarity(got.flatten().double(), expected.flatten().double(), dim=0)
+    assert cosine >= 0.99, float(cosine)
+    reference_path = per_op.teacher_forced_logits(ids, mask, tokens)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), reference_path.flatten(), dim=0) > 0.9995
+
+
+def test_the_fused_path_generates_deterministically_and_streams(tileable_musicgen, cache_dir, demo_paths):
+    from transformers import AutoProcessor
+
+    from pipeline.musicgen import MusicGenerator, MusicRequest
+
+    generator = MusicGenerator(copy.deepcopy(tileable_musicgen), AutoProcessor.from_pretrained(demo_paths.music),
+                               weights="int5", cache_dir=str(cache_dir))
+    if generator._fast._fused is None:
+        pytest.skip("no native kernel on this machine")
+    request = MusicRequest("calm piano", 1.5, seed=9)
+    first = generator.generate(request, write=False)
+    again = generator.generate(request, write=False)
+    other = generator.generate(MusicRequest("calm piano", 1.5, seed=10), write=False)
+    assert np.array_equal(first.codes, again.codes) and not np.array_equal(first.codes, other.codes)
+    streamed = np.concatenate([c.samples for c in generator.stream(request)])
+    assert np.max(np.abs(streamed - first.samples)) < 1e-5
