@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from PIL import Image
 
 MAX_NEW_TOKENS = 30
@@ -15,7 +16,6 @@ class Captioner:
     """Loaded once and shared; `caption` takes a batch of RGB images (see `pipeline.images.load_image`)."""
 
     def __init__(self, path: Path, *, device: str = "cpu", dtype=None, int8: bool = False):
-        import torch
         from transformers import BlipForConditionalGeneration, BlipProcessor
         from transformers.models.blip import BlipImageProcessorPil
 
@@ -23,9 +23,17 @@ class Captioner:
         processor = BlipProcessor.from_pretrained(path, image_processor=BlipImageProcessorPil.from_pretrained(path))
         model = BlipForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32).eval()
         if int8 and device == "cpu":
-            # dynamic int8 (fbgemm, VNNI) on every Linear: ~4x smaller and faster on CPU, captions unchanged in
-            # practice; the vision transformer and the text decoder are both Linear-bound
+            vision = model.vision_model
+            bf16_vision = fast_bf16()
+            if bf16_vision:
+                del model.vision_model
+            # dynamic int8 (fbgemm, VNNI) on the text decoder's Linear layers: a caption token reads every weight,
+            # so 4x fewer bytes is ~2x faster; captions are unchanged in practice
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            # the vision transformer multiplies 577 patch tokens at once: compute-bound, where bf16 matrix units
+            # (AMX / AVX-512 BF16) beat int8 by 2.5x; without them it is quantized like the rest
+            model.vision_model = _BFloat16Vision(vision) if bf16_vision else \
+                torch.ao.quantization.quantize_dynamic(vision, {torch.nn.Linear}, dtype=torch.qint8)
         self._model = model.to(device)
         self._processor = processor
         self._dtype = next(p.dtype for p in self._model.parameters() if p.is_floating_point()) \
@@ -34,9 +42,7 @@ class Captioner:
         self.quantized = bool(int8 and device == "cpu")
 
     def caption(self, images: Sequence[Image.Image], prefix: str | None = None,
-                max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
-        import torch
-
+                max_new_tokens: int = MAX_NEW_TOKENS, min_new_tokens: int | None = None) -> list[str]:
         if not images:
             return []
         prefix = (prefix or "").strip() or None
@@ -45,10 +51,34 @@ class Captioner:
         inputs = {k: (v.to(self.device, self._dtype) if v.is_floating_point() else v.to(self.device))
                   for k, v in inputs.items()}
         with self._lock, torch.inference_mode():
-            out = self._model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False,
-                                       repetition_penalty=1.3)
+            out = self._model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                       num_beams=1, do_sample=False, repetition_penalty=1.3)
         texts = self._processor.batch_decode(out, skip_special_tokens=True)
         return [_tidy(t) for t in texts]
+
+
+def fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX), rather than emulating them."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class _BFloat16Vision(torch.nn.Module):
+    """BLIP's vision transformer run in bf16, answering in fp32 for the (int8) text decoder."""
+
+    def __init__(self, vision: torch.nn.Module):
+        super().__init__()
+        self.inner = vision.to(torch.bfloat16)
+        self.config = vision.config
+
+    def forward(self, pixel_values, **kwargs):
+        output = self.inner(pixel_values=pixel_values.to(torch.bfloat16), **kwargs)
+        for key, value in output.items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                output[key] = value.float()
+        return output
 
 
 def _tidy(text: str) -> str:

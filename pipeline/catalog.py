@@ -26,6 +26,7 @@ from .errors import IndexIntegrityError, InputError
 from .features import FEATURES, FeatureSpace, as_matrix, closest_features, describe_feature
 
 SCHEMA_VERSION = 1
+LYRIC_CANDIDATES = 4096  # passages nearest the query that lyric search aggregates per song
 REQUIRED_FILES = ("songs.parquet", "feature_song_ids.npy", "features.faiss", "passage_song_ids.npy",
                   "lyrics.faiss", "themes.npy")
 
@@ -178,27 +179,23 @@ class Catalog:
                         exclude_ids: Sequence[int] = ()) -> list[SongMatch]:
         """Songs whose audio features are closest to `features` (Spotify units; missing names allowed)."""
         k = _check_k(k)
-        try:
-            query, present = as_matrix(features)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
+        query, present = _feature_query(features)
+        ranked = self._feature_ranking(query, present, k, exclude_ids)
+        return [self._feature_match(song, score, query, present) for song, score in ranked]
+
+    def _feature_ranking(self, query: np.ndarray, present: np.ndarray, k: int,
+                         exclude_ids: Sequence[int] = ()) -> list[tuple[int, float]]:
         exclude = {int(i) for i in exclude_ids}
-        want = k + len(exclude)
-        rows, d2 = self._nearest_by_features(query, present, want)
-        share = self.space.weight_share(present)
-        scores = self.space.similarity(d2, share)
-        out = []
-        for row, score in zip(rows, scores):
-            song = int(self._feature_song_ids[row])
-            if song in exclude:
-                continue
-            close = closest_features(query[0], self._features[song], present, self.space)
-            why = "close on " + ", ".join(describe_feature(n, self._features[song][FEATURES.index(n)])
-                                          for n in close) if close else ""
-            out.append(self._match(song, float(score), why))
-            if len(out) == k:
-                break
-        return out
+        rows, d2 = self._nearest_by_features(query, present, k + len(exclude))
+        scores = self.space.similarity(d2, self.space.weight_share(present))
+        ranked = [(int(self._feature_song_ids[row]), float(score)) for row, score in zip(rows, scores)]
+        return [(song, score) for song, score in ranked if song not in exclude][:k]
+
+    def _feature_match(self, song: int, score: float, query: np.ndarray, present: np.ndarray) -> SongMatch:
+        close = closest_features(query[0], self._features[song], present, self.space)
+        why = "close on " + ", ".join(describe_feature(n, self._features[song][FEATURES.index(n)])
+                                      for n in close) if close else ""
+        return self._match(song, score, why)
 
     def _nearest_by_features(self, query: np.ndarray, present: np.ndarray, want: int):
         vector = self.space.transform(query)
@@ -238,15 +235,18 @@ class Catalog:
         if self._lyric_index.ntotal == 0:
             return []
         q = self.embed(text) if query_vector is None else query_vector
-        ranked = self._lyric_scores(q, k)
+        return self._lyric_matches(self._lyric_scores(q, k)[:k], q, text)
+
+    def _lyric_matches(self, ranked: list[tuple[int, float]], q: np.ndarray, text: str) -> list[SongMatch]:
         query_themes = recommend.top_themes(q, self._theme_vectors, self._theme_names)
         words = set(recommend.words(text))
         return [self._match(song, score, recommend.lyric_reason(self._themes[song], self._keywords[song],
                                                                 query_themes, words))
-                for song, score in ranked[:k]]
+                for song, score in ranked]
 
     def _lyric_scores(self, q: np.ndarray, k: int) -> list[tuple[int, float]]:
-        n_passages = min(self._lyric_index.ntotal, max(256, 40 * k))
+        # a fixed, generous candidate set: a song's score must not depend on how many songs were asked for
+        n_passages = min(self._lyric_index.ntotal, max(LYRIC_CANDIDATES, 40 * k))
         sims, rows = vector_index.search(self._lyric_index, q[None, :], n_passages)
         keep = rows[0] >= 0
         return recommend.aggregate_passages(self._passage_song_ids[rows[0][keep]], sims[0][keep],
@@ -274,34 +274,39 @@ class Catalog:
     def search_fused(self, features: Mapping[str, float] | Sequence[float] | np.ndarray | None, text: str | None,
                      k: int = 10, *, pool: int = 100) -> list[SongMatch]:
         """Reciprocal-rank fusion of the feature and lyric rankings (see `pipeline.recommend.fuse`)."""
+        return self.recommend(features, text, k, pool=pool)[2]
+
+    def recommend(self, features: Mapping[str, float] | Sequence[float] | np.ndarray | None, text: str | None,
+                  k: int = 10, *, pool: int = 100) -> tuple[list[SongMatch], list[SongMatch], list[SongMatch]]:
+        """The three lists at once — by features, by lyrics, fused — each search and the embedding done once."""
         k = _check_k(k)
-        have_text = bool((text or "").strip())
-        if features is None and not have_text:
+        text = (text or "").strip()
+        if features is None and not text:
             raise InputError("The fused list needs audio features, text, or both.")
         pool = max(pool, k)
-        feature_list = self.search_features(features, k=pool) if features is not None else []
-        q = self.embed(text.strip()) if have_text else None
-        lyric_list = self.search_lyrics(text, k=pool, query_vector=q) if have_text else []
-        query, present = as_matrix(features) if features is not None else (None, None)
-        candidates = {m.song_id for m in feature_list} | {m.song_id for m in lyric_list}
-        feature_scores = {m.song_id: m.score for m in feature_list}
-        lyric_scores = {m.song_id: m.score for m in lyric_list}
+        query, present = _feature_query(features) if features is not None else (None, None)
+        feature_scores = dict(self._feature_ranking(query, present, pool)) if query is not None else {}
+        q = self.embed(text) if text and self._lyric_index.ntotal else None
+        lyric_ranked = self._lyric_scores(q, pool)[:pool] if q is not None else []
+        lyric_scores = dict(lyric_ranked)
         # complete both rankings over the whole candidate pool, so a song strong on both sides is seen as such
-        for song in candidates:
+        for song in set(feature_scores) | set(lyric_scores):
             if query is not None and song not in feature_scores:
-                s = self.feature_score_for(query, present, song)
-                if s is not None:
-                    feature_scores[song] = s
+                score = self.feature_score_for(query, present, song)
+                if score is not None:
+                    feature_scores[song] = score
             if q is not None and song not in lyric_scores:
-                s = self.lyric_score_for(q, song)
-                if s is not None:
-                    lyric_scores[song] = s
-        fused = recommend.fuse({"features": feature_scores, "lyrics": lyric_scores})
-        out = []
-        for song, score, ranks in fused[:k]:
+                score = self.lyric_score_for(q, song)
+                if score is not None:
+                    lyric_scores[song] = score
+        fused = []
+        for song, score, ranks in recommend.fuse({"features": feature_scores, "lyrics": lyric_scores})[:k]:
             parts = [f"#{ranks[name]} by {name}" for name in ("features", "lyrics") if name in ranks]
-            out.append(self._match(song, score, " · ".join(parts)))
-        return out
+            fused.append(self._match(song, score, " · ".join(parts)))
+        by_features = sorted(feature_scores.items(), key=lambda item: (-item[1], item[0]))[:k] if query is not None \
+            else []
+        return ([self._feature_match(song, score, query, present) for song, score in by_features],
+                self._lyric_matches(lyric_ranked[:k], q, text) if q is not None else [], fused)
 
     # -- rows -----------------------------------------------------------------------------------------------------
     def _match(self, song: int, score: float, why: str) -> SongMatch:
@@ -317,6 +322,13 @@ class Catalog:
         if not 0 <= int(song_id) < len(self._titles):
             raise InputError(f"No song with id {song_id}.")
         return self._match(int(song_id), 1.0, "")
+
+
+def _feature_query(features) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        return as_matrix(features)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _check_k(k) -> int:

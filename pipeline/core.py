@@ -256,12 +256,12 @@ class Pipeline:
         cleaned, _ = clean_user_prompt(text or "", self.settings.max_prompt_chars)
         if not cleaned and features is None:
             raise InputError("Give some text (or audio features) to recommend songs for.")
-        out: dict[str, list[SongMatch]] = {}
+        if features is None:
+            return {"songs_by_lyrics": catalog.search_lyrics(cleaned, k=k)}
+        by_features, by_lyrics, fused = catalog.recommend(features, cleaned or None, k=k)
+        out = {"songs_by_features": by_features, "songs_fused": fused}
         if cleaned:
-            out["songs_by_lyrics"] = catalog.search_lyrics(cleaned, k=k)
-        if features is not None:
-            out["songs_by_features"] = catalog.search_features(features, k=k)
-            out["songs_fused"] = catalog.search_fused(features, cleaned or None, k=k)
+            out["songs_by_lyrics"] = by_lyrics
         return out
 
     # -- analyze --------------------------------------------------------------------------------------------------
@@ -327,13 +327,11 @@ class Pipeline:
             notes.append(str(exc))
             return [], [], []
         query = lyric_query(caption, mood)
-        by_features = catalog.search_features(mood.features, k=k)
         try:
-            by_lyrics = catalog.search_lyrics(query, k=k)
-            fused = catalog.search_fused(mood.features, query, k=k)
+            by_features, by_lyrics, fused = catalog.recommend(mood.features, query, k=k)
         except UserFacingError as exc:
             notes.append(f"Lyric search is unavailable: {exc}")
-            by_lyrics, fused = [], catalog.search_fused(mood.features, None, k=k)
+            by_features, by_lyrics, fused = catalog.recommend(mood.features, None, k=k)
         return by_features, by_lyrics, fused
 
     # -- music ----------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ For each song with retrieved passages, sorted by similarity s1 ≥ s2 ≥ s3:
 
     relevance = 0.7 * s1 + 0.3 * mean(s1, s2, s3)
 
-(passages outside the retrieved set count as the retrieval floor). The best passage carries the match; the others
+(over the 4,096 passages nearest the query; passages outside that set count as its floor). The best passage carries the match; the others
 add support when a theme runs through the song, instead of the seed's mean over a hundred lines, which drowned one
 strong stanza in filler. Relevance is calibrated against chance, measured at build time as the cosine between
 passages of different songs (mean m, standard deviation sd):

@@ -202,11 +202,16 @@ def bench_analyze(args) -> dict:
         clip.save_pretrained(f"{tmp}/clip")
         clip_processor.save_pretrained(f"{tmp}/clip")
 
+        # Random weights never emit end-of-caption, so captions are fixed at a typical BLIP-base length (a real
+        # "a cup of coffee on a saucer with a spoon" is 11 tokens); `caption_s_30_tokens` is the worst case.
+        tokens = args.caption_tokens
+
         # baselines: plain transformers, fp32, as a seed app would call them
         def baseline_caption(image):
             with torch.inference_mode():
                 inputs = blip_processor(images=image, return_tensors="pt").to(device)
-                return blip_processor.decode(blip.to(device).generate(**inputs, max_new_tokens=30)[0])
+                return blip_processor.decode(blip.to(device).generate(**inputs, max_new_tokens=tokens,
+                                                                      min_new_tokens=tokens)[0])
 
         def baseline_mood(image):
             with torch.inference_mode():
@@ -230,8 +235,8 @@ def bench_analyze(args) -> dict:
         catalog = Catalog.load(settings.index_dir)
         catalog.attach_embedder(embedder)
 
-        def caption(image):
-            return captioner.caption([image])[0]
+        def caption(image, length=tokens):
+            return captioner.caption([image], max_new_tokens=length, min_new_tokens=length)[0]
 
         def mood(image):
             return predictor.predict(encoder.embed([image]), [image])[0]
@@ -249,7 +254,9 @@ def bench_analyze(args) -> dict:
             return recommend((c, m))
 
         analyze(images[0])
+        result["caption_tokens"] = tokens
         result["caption_s"] = _median([_timed(caption, im) for im in images])
+        result["caption_s_30_tokens"] = _median([_timed(lambda im: caption(im, 30), im) for im in images[:3]])
         result["mood_s"] = _median([_timed(mood, im) for im in images])
         moods = [(caption(im), mood(im)) for im in images]
         result["recommend_s"] = _median([_timed(recommend, item) for item in moods])
@@ -479,6 +486,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seconds", type=float, default=5.0, help="music: clip length")
     parser.add_argument("--weights", help="music: decoder weights (default: as the app, int5 on CPU, fp16 on GPU)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--caption-tokens", type=int, default=12, help="analyze: caption length (random weights "
+                        "never stop on their own)")
     parser.add_argument("--tracks", type=int, default=1_200_000)
     parser.add_argument("--passages", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)
