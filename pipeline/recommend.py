@@ -57,14 +57,24 @@ def aggregate_passages(passage_songs: np.ndarray, sims: np.ndarray,
     """(song of each retrieved passage, similarity) → songs with calibrated scores, best first."""
     if len(sims) == 0:
         return []
-    floor = float(np.min(sims))
-    by_song: dict[int, list[float]] = {}
-    for song, sim in zip(passage_songs.tolist(), sims.tolist()):
-        by_song.setdefault(song, []).append(sim)
-    scored = [(song, calibrated_song_score(sorted(values, reverse=True), floor, calibration))
-              for song, values in by_song.items()]
-    scored.sort(key=lambda item: (-item[1], item[0]))
-    return scored
+    songs = np.asarray(passage_songs, dtype=np.int64)
+    sims = np.asarray(sims, dtype=np.float64)
+    floor = float(sims.min())
+    order = np.lexsort((-sims, songs))  # by song, best passage first
+    songs, sims = songs[order], sims[order]
+    unique, first, counts = np.unique(songs, return_index=True, return_counts=True)
+    top = np.full((len(unique), 3), np.nan)
+    for rank in range(3):
+        has = counts > rank
+        top[has, rank] = sims[first[has] + rank]
+    # missing 2nd/3rd passages take min(floor, the passage above): the retrieval floor bounds unseen ones
+    top[:, 1] = np.where(np.isnan(top[:, 1]), np.minimum(floor, top[:, 0]), top[:, 1])
+    top[:, 2] = np.where(np.isnan(top[:, 2]), np.minimum(floor, top[:, 1]), top[:, 2])
+    relevance = BEST_WEIGHT * top[:, 0] + (1 - BEST_WEIGHT) * top.mean(axis=1)
+    width = max(float(calibration["width"]), 1e-6)
+    scores = 1.0 / (1.0 + np.exp(-(relevance - float(calibration["center"])) / width))
+    ranked = sorted(zip(unique.tolist(), scores.tolist()), key=lambda item: (-item[1], item[0]))
+    return ranked
 
 
 def fuse(rankings: Mapping[str, Mapping[int, float]]) -> list[tuple[int, float, dict[str, int]]]:
