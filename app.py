@@ -458,10 +458,16 @@ def _select_for(handler, which: str):
     return select
 
 
-LAUNCH_OPTIONS = {
-    "theme": gr.themes.Soft(primary_hue="violet", secondary_hue="amber"),
-    "css_paths": [ASSETS / "style.css"],
-}
+def launch_options(settings: Settings) -> dict:
+    """Keyword arguments for `demo.launch()` that belong to the app rather than to the host and port."""
+    settings.audio_dir.mkdir(parents=True, exist_ok=True)
+    return {
+        "theme": gr.themes.Soft(primary_hue="violet", secondary_hue="amber"),
+        "css_paths": [ASSETS / "style.css"],
+        "allowed_paths": [str(settings.audio_dir)],  # generated WAVs live in the cache folder, not in /tmp
+        "max_file_size": f"{settings.max_upload_mb:g}mb",
+        "show_error": True,
+    }
 
 
 def main(argv=None) -> None:
@@ -474,8 +480,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env(**({"demo": True} if args.demo else {}))
     demo = build_app(settings)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                max_file_size=f"{settings.max_upload_mb:g}mb", show_error=True, **LAUNCH_OPTIONS)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(settings))
 
 
 if __name__ == "__main__":

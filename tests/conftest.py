@@ -34,8 +34,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("i2m-cache")
+def cache_dir():
+    """Outside both /tmp and the working directory, like the app's default (~/.cache/image-to-music): Gradio only
+    serves files from such a folder when the app allows it, and the tests must see that."""
+    import shutil
+    import uuid
+
+    folder = Path.home() / ".cache" / f"image-to-music-tests-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +112,7 @@ def live_app(settings, pipeline):
     demo = app_module.build_app(settings)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                max_file_size=f"{settings.max_upload_mb:g}mb", **app_module.LAUNCH_OPTIONS)
+                **app_module.launch_options(settings))
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 60
     import urllib.request

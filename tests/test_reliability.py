@@ -143,7 +143,8 @@ def test_a_full_queue_answers_busy_instead_of_hanging(settings, tmp_path):
     small = settings.replace(queue_size=2, generate_concurrency=1, cache_dir=str(tmp_path))
     demo = app_module.build_app(small)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **app_module.launch_options(small))
     try:
         url = f"http://127.0.0.1:{port}/"
         client = Client(url, verbose=False)
@@ -198,7 +199,8 @@ def test_a_model_that_fails_to_load_leaves_the_rest_working(settings, tmp_path):
                               cache_dir=str(tmp_path), hf_token="hf_never_shown_123")
     demo = app_module.build_app(broken)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **app_module.launch_options(broken))
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         songs = client.predict("heartbreak in the rain", 3, None, api_name="/recommend")
@@ -277,7 +279,8 @@ def test_the_token_is_never_sent_to_the_browser_or_logged(settings, tmp_path, ca
     caplog.set_level(logging.DEBUG)
     demo = app_module.build_app(broken)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **app_module.launch_options(broken))
     try:
         base = f"http://127.0.0.1:{port}"
         from pipeline.core import get_pipeline
