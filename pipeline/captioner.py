@@ -9,6 +9,9 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from .memory import release_file_pages, trim
+from .runtime import fast_bf16
+
 MAX_NEW_TOKENS = 30
 
 
@@ -22,6 +25,7 @@ class Captioner:
         self.device = device
         processor = BlipProcessor.from_pretrained(path, image_processor=BlipImageProcessorPil.from_pretrained(path))
         model = BlipForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32).eval()
+        originals = [p.detach() for p in model.parameters()]  # the fp32 storages: .to() swaps Parameter data
         if int8 and device == "cpu":
             vision = model.vision_model
             bf16_vision = fast_bf16()
@@ -35,6 +39,11 @@ class Captioner:
             model.vision_model = _BFloat16Vision(vision) if bf16_vision else \
                 torch.ao.quantization.quantize_dynamic(vision, {torch.nn.Linear}, dtype=torch.qint8)
         self._model = model.to(device)
+        if int8 and device == "cpu":
+            # the fp32 weights were read once for conversion: hand their mapped pages back
+            release_file_pages(originals)
+        del originals
+        trim()
         self._processor = processor
         self._dtype = next(p.dtype for p in self._model.parameters() if p.is_floating_point()) \
             if any(p.is_floating_point() for p in self._model.parameters()) else torch.float32
@@ -55,14 +64,6 @@ class Captioner:
                                        num_beams=1, do_sample=False, repetition_penalty=1.3)
         texts = self._processor.batch_decode(out, skip_special_tokens=True)
         return [_tidy(t) for t in texts]
-
-
-def fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX), rather than emulating them."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 class _BFloat16Vision(torch.nn.Module):

@@ -109,8 +109,11 @@ class Pipeline:
             CATALOG: self._load_catalog, EMBEDDER: self._load_embedder, MOOD: self._load_mood,
             CAPTION: self._load_caption, MUSIC: self._load_music,
         }
-        for name in COMPONENTS:
-            self._load_one(name, loaders[name])
+        from .memory import loading_allocations
+
+        with loading_allocations():
+            for name in COMPONENTS:
+                self._load_one(name, loaders[name])
 
     def _load_one(self, name: str, loader: Callable[[], tuple[object, str]]) -> None:
         slot = self._slots[name]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 CONV_CONTEXT = 3  # (kernel 7 - 1) / 2
-CONTEXT_FRAMES = 4  # receptive field of the upsampling stack, in frames, with margin
+CONTEXT_FRAMES = 2  # the upsampling stack reaches ~1.3 frames each way (1 already matches to 1e-7 in tests)
 LOOKAHEAD_FRAMES = CONV_CONTEXT + CONTEXT_FRAMES  # frames past a sample's own that must exist before it is final
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import Cancelled
+from .memory import release_file_pages, trim
 from .quantize import ACTIVATION_DTYPE, pack_linear, packed_bytes, resolve_format
 
 
@@ -86,8 +87,12 @@ class FastMusicgenDecoder:
             layer.ln3 = _ln(block.final_layer_norm, self.dtype)
             layer.fc1, layer.fc2 = pack(block.fc1), pack(block.fc2)
             self.layers.append(layer)
+            if not keep_reference:  # the packed copy is all that is read from now on
+                release_file_pages(p for name, p in block.named_parameters() if "layer_norm" not in name)
         self.final_ln = _ln(decoder.layer_norm, self.dtype)
         self.heads_linear = pack(*model.decoder.lm_heads)
+        if not keep_reference:
+            release_file_pages([*model.decoder.lm_heads.parameters(), *decoder.embed_tokens.parameters()])
         # with the native kernel and shapes it tiles, a whole layer runs as one C call (no per-op Python overhead)
         self._kernel = kernel
         self._fused = None
@@ -114,6 +119,7 @@ class FastMusicgenDecoder:
         self.weight_bytes += packed_bytes(self.heads_linear)
         if not keep_reference:
             model.decoder = _Detached(config)  # frees ~1.7 GB of fp32 decoder weights for musicgen-small
+            trim()
 
     # -- one request ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -140,10 +146,14 @@ class FastMusicgenDecoder:
                 kv.append((k.to(self.cache_dtype).contiguous(), v.to(self.cache_dtype).contiguous()))
         return kv
 
-    def _new_caches(self, batch: int, length: int) -> list:
-        """A static KV cache per layer, sized for the request: int8 for the fused C layers, else cache_dtype."""
+    def _new_caches(self, batch: int, length: int, cross, cross_mask):
+        """A static KV cache per layer, sized for the request: int8, bound with the layers into a FusedStack for
+        the C path; else cache_dtype tensors."""
         if self._fused is not None:
-            return [self._fused[0].new_cache(batch, self.heads, length, self.head_dim) for _ in self.layers]
+            from .native_kernels import FusedStack
+
+            caches = [self._fused[0].new_cache(batch, self.heads, length, self.head_dim) for _ in self.layers]
+            return FusedStack(self._kernel, self._fused, caches, cross, cross_mask)
         shape = (batch, self.heads, length, self.head_dim)
         return [(torch.zeros(shape, dtype=self.cache_dtype, device=self.device),
                  torch.zeros(shape, dtype=self.cache_dtype, device=self.device)) for _ in self.layers]
@@ -162,8 +172,7 @@ class FastMusicgenDecoder:
         x = x * self.embed_scale + self.positions[pos]
         if self._fused is not None:
             x = x.contiguous()
-            for fused, cache, (ck, cv) in zip(self._fused, caches, cross):
-                fused(self._kernel, x, cache, pos, ck, cv, cross_mask)
+            caches(x, pos)  # a FusedStack: every layer in one C call
             x = F.layer_norm(x, *self.final_ln)
             return self.heads_linear(x).view(b, self.num_codebooks, self.vocab_size).float()
         for layer, (k_cache, v_cache), (ck, cv) in zip(self.layers, caches, cross):
@@ -206,7 +215,7 @@ class FastMusicgenDecoder:
         text, text_mask = self.encode_text(input_ids[:1], attention_mask[:1])
         cross = self._cross_kv(text)
         cross_mask = self._cross_mask(text_mask)
-        caches = self._new_caches(batch, total_steps + 1)
+        caches = self._new_caches(batch, total_steps + 1, cross, cross_mask)
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         codes = torch.full((self.num_codebooks, n_frames), self.pad_id, dtype=torch.long, device=self.device)
         tokens = torch.full((batch, self.num_codebooks), self.pad_id, dtype=torch.long, device=self.device)
@@ -245,7 +254,7 @@ class FastMusicgenDecoder:
         cross = self._cross_kv(text)
         cross_mask = self._cross_mask(text_mask)
         t = decoder_tokens.shape[-1]
-        caches = self._new_caches(b, t)
+        caches = self._new_caches(b, t, cross, cross_mask)
         out = []
         for pos in range(t):
             tokens = decoder_tokens[:1, :, pos].expand(b, -1)

@@ -38,6 +38,12 @@ class _Packed(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("hb", ctypes.c_void_p), ("d", ctypes.c_void_p), ("mn", ctypes.c_void_p)]
 
 
+class _Layer(ctypes.Structure):
+    _fields_ = [("weights", _Packed * 6), ("norms", ctypes.c_void_p * 6), ("kcache", ctypes.c_void_p),
+                ("vcache", ctypes.c_void_p), ("kscale", ctypes.c_void_p), ("vscale", ctypes.c_void_p),
+                ("ck", ctypes.c_void_p), ("cv", ctypes.c_void_p)]
+
+
 class LowBitKernel:
     def __init__(self, library: ctypes.CDLL, path: Path):
         self.path = path
@@ -45,9 +51,9 @@ class LowBitKernel:
         self._fn.restype = ctypes.c_int
         p, i = ctypes.c_void_p, ctypes.c_int
         self._fn.argtypes = [p, i, i, p, p, p, p, p, i, i]
-        self._layer = library.mg_layer
-        self._layer.restype = ctypes.c_int
-        self._layer.argtypes = [p, i, i, i, i, p, p, ctypes.c_float, p, p, p, p, i, i, p, p, i, p, i]
+        self._layers = library.mg_layers
+        self._layers.restype = ctypes.c_int
+        self._layers.argtypes = [p, i, i, i, i, p, i, ctypes.c_float, i, i, i, p, i]
         self.threads = 0  # 0: OpenMP's default (PyTorch's thread count)
         library.i4_isa.restype = ctypes.c_int
         self.isa = {2: "avx512-vnni", 1: "avx2", 0: "scalar"}[library.i4_isa()]
@@ -66,7 +72,7 @@ class LowBitKernel:
 
 class FusedLayer:
     """One MusicGen decoder layer for the C path: six packed matrices and three layer norms, kept alive here,
-    with the pointer tables `mg_layer` reads built once."""
+    with the pointer tables the C side reads built once."""
 
     def __init__(self, matrices: list["PackedLowBit"], norms: list[torch.Tensor], eps: float, heads: int):
         self.matrices = matrices
@@ -87,17 +93,33 @@ class FusedLayer:
                 torch.zeros(batch, heads, length, head_dim, dtype=torch.int8),
                 torch.zeros(batch, heads, length), torch.zeros(batch, heads, length))
 
-    def __call__(self, kernel: "LowBitKernel", x: torch.Tensor, cache: tuple[torch.Tensor, ...], position: int,
-                 cross_k: torch.Tensor, cross_v: torch.Tensor, valid: torch.Tensor) -> None:
-        """Updates x (B, D) fp32 in place; `cache` from `new_cache`, cross keys/values (H, Tt, Dh) fp32."""
-        keys, values, key_scales, value_scales = cache
-        status = kernel._layer(x.data_ptr(), x.shape[0], self.hidden, self.heads, self.ffn,
-                               ctypes.addressof(self._weights), ctypes.addressof(self._norms), self.eps,
-                               keys.data_ptr(), values.data_ptr(), key_scales.data_ptr(), value_scales.data_ptr(),
-                               values.shape[2], position, cross_k.data_ptr(), cross_v.data_ptr(), cross_k.shape[1],
-                               valid.data_ptr(), kernel.threads)
+
+class FusedStack:
+    """All layers of one request bound to their caches and the text's keys and values, run as one C call a step."""
+
+    def __init__(self, kernel: "LowBitKernel", layers: list[FusedLayer], caches: list, cross: list,
+                 valid: torch.Tensor):
+        self._kernel = kernel
+        self._keep = (caches, cross, valid)  # the C side holds raw pointers into these
+        self._table = (_Layer * len(layers))()
+        for entry, layer, cache, (ck, cv) in zip(self._table, layers, caches, cross):
+            entry.weights = layer._weights
+            entry.norms = layer._norms
+            entry.kcache, entry.vcache, entry.kscale, entry.vscale = (t.data_ptr() for t in cache)
+            entry.ck, entry.cv = ck.data_ptr(), cv.data_ptr()
+        first = layers[0]
+        self._shape = (first.hidden, first.heads, first.ffn, first.eps)
+        self._length = caches[0][1].shape[2]
+        self._text_length = cross[0][0].shape[1]
+        self._valid = valid.data_ptr()
+
+    def __call__(self, x: torch.Tensor, position: int) -> None:
+        hidden, heads, ffn, eps = self._shape
+        status = self._kernel._layers(x.data_ptr(), x.shape[0], hidden, heads, ffn, ctypes.addressof(self._table),
+                                      len(self._table), eps, self._length, position, self._text_length, self._valid,
+                                      self._kernel.threads)
         if status != 0:
-            raise MemoryError("the fused decoder layer could not allocate scratch memory")
+            raise MemoryError("the fused decoder layers could not allocate scratch memory")
 
 
 def _quantize_groups(groups: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -52,3 +52,13 @@ def resolve_runtime(settings: Settings) -> Runtime:
     if device == "cuda" and weights in ("int5", "int4", "int8"):
         weights = "fp16"  # the CPU packed kernels have no CUDA counterpart with this layout
     return Runtime(device=device, dtype=dtype, music_weights=weights)
+
+
+def fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX), rather than emulating them."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

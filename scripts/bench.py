@@ -445,12 +445,14 @@ def bench_app(args) -> dict:
             result["cold_start_to_ui_s"] = round(time.perf_counter() - started, 2)
             client = Client(url, verbose=False)
             image = str(REPO_ROOT / "assets" / "examples" / "coffee.jpg")
-            while True:  # the first Analyze waits for the models that are still loading
+            deadline = time.perf_counter() + 900
+            while True:  # requests wait for models still loading in the background
                 try:
                     client.predict(handle_file(image), 10, "", "", api_name="/analyze")
+                    client.predict("warm-up", 1.0, 0, 1.0, 250, 0.0, 3.0, api_name="/generate")
                     break
                 except Exception as exc:  # noqa: BLE001
-                    if "still loading" not in str(exc):
+                    if "still loading" not in str(exc) or time.perf_counter() > deadline:
                         raise
             result["models_ready_s"] = round(time.perf_counter() - started, 2)
             times = []
@@ -459,17 +461,10 @@ def bench_app(args) -> dict:
                 client.predict(handle_file(image), 10, "", f"take {i}", api_name="/analyze")
                 times.append(time.perf_counter() - t)
             result["api_analyze_s"] = _median(times)
-            deadline = time.perf_counter() + 900
-            while time.perf_counter() < deadline:
-                try:
-                    t = time.perf_counter()
-                    client.predict("lofi hip hop beat", args.seconds, 0, 1.0, 250, 0.0, 3.0, api_name="/generate")
-                    result["api_generate_s"] = round(time.perf_counter() - t, 2)
-                    result["api_generate_rtf"] = round(result["api_generate_s"] / args.seconds, 3)
-                    break
-                except Exception as exc:  # noqa: BLE001
-                    if "still loading" not in str(exc):
-                        raise
+            t = time.perf_counter()
+            client.predict("lofi hip hop beat", args.seconds, 0, 1.0, 250, 0.0, 3.0, api_name="/generate")
+            result["api_generate_s"] = round(time.perf_counter() - t, 2)
+            result["api_generate_rtf"] = round(result["api_generate_s"] / args.seconds, 3)
         result["peak_rss_mb"] = memory.peak_mb
     finally:
         process.terminate()

@@ -410,7 +410,7 @@ static void attend(const float* q, const float* keys, const float* values, int T
    transposed, and values (B, H, Tmax, Dh), with fp32 scales (B, H, Tmax); position `pos` is written and
    attended to (dh <= 256). Cross keys/values: (H, Tt, Dh) fp32 with `valid` (Tt)
    marking real text tokens. Returns 0 or -1 (out of memory). */
-int mg_layer(float* x, int B, int D, int H, int F, const packed_t* weights, const float* const* norms, float eps,
+static int mg_layer(float* x, int B, int D, int H, int F, const packed_t* weights, const float* const* norms, float eps,
              int8_t* kcache, int8_t* vcache, float* kscale, float* vscale, int Tmax, int pos, const float* ck,
              const float* cv, int Tt, const uint8_t* valid, int threads) {
     const int dh = D / H;
@@ -456,4 +456,27 @@ int mg_layer(float* x, int B, int D, int H, int F, const packed_t* weights, cons
 
     free(y); free(qkv); free(attn); free(scores);
     return status ? -1 : 0;
+}
+
+/* All decoder layers for one position in one call (saves a foreign call per layer). */
+typedef struct {
+    packed_t weights[6];
+    const float* norms[6];
+    int8_t* kcache;
+    int8_t* vcache;
+    float* kscale;
+    float* vscale;
+    const float* ck;
+    const float* cv;
+} layer_t;
+
+int mg_layers(float* x, int B, int D, int H, int F, const layer_t* layers, int n_layers, float eps, int Tmax, int pos,
+              int Tt, const uint8_t* valid, int threads) {
+    for (int l = 0; l < n_layers; l++) {
+        const layer_t* L = &layers[l];
+        if (mg_layer(x, B, D, H, F, L->weights, L->norms, eps, L->kcache, L->vcache, L->kscale, L->vscale, Tmax,
+                     pos, L->ck, L->cv, Tt, valid, threads) != 0)
+            return -1;
+    }
+    return 0;
 }
