@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 from .catalog import Catalog, SongMatch
+from .compute import compute_thread
 from .errors import ComponentLoading, ComponentUnavailable, InputError, UserFacingError
 from .images import ImageSource, LoadedImage, load_image
 from .mood import MoodResult
@@ -80,6 +81,7 @@ class Pipeline:
         self._cache: OrderedDict[tuple, Analysis] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._start_lock = threading.Lock()
+        self._compute = compute_thread()
         self.runtime = None
 
     # -- loading --------------------------------------------------------------------------------------------------
@@ -203,10 +205,20 @@ class Pipeline:
             stream_chunk_s=self.settings.stream_chunk_s, audio_dir=self.settings.audio_dir)
         return generator, f"{detail}, {generator.backend} decoder, {generator.weights} weights"
 
+    def _await(self, *names: str) -> None:
+        """Wait (off the compute thread, up to the load-wait setting) for components still loading."""
+        self.start()
+        deadline = time.monotonic() + self.settings.load_wait_s
+        for name in names:
+            self._slots[name].ready.wait(max(0.0, deadline - time.monotonic()))
+
     def _get(self, name: str, wait_s: float | None = None):
         self.start()
         slot = self._slots[name]
-        if not slot.ready.wait(self.settings.load_wait_s if wait_s is None else wait_s):
+        if wait_s is None:
+            # on the compute thread, waiting would hold up every other request: callers wait beforehand
+            wait_s = 0.0 if self._compute.is_current() else self.settings.load_wait_s
+        if not slot.ready.wait(wait_s):
             raise ComponentLoading(name)
         if slot.state == "failed":
             raise ComponentUnavailable(name, slot.error)
@@ -230,12 +242,13 @@ class Pipeline:
 
     def caption(self, image: ImageSource | LoadedImage, prefix: str | None = None) -> str:
         loaded = self._image(image)
-        return self._get(CAPTION).caption([loaded.image], prefix=prefix)[0]
+        captioner = self._get(CAPTION)
+        return self._compute.run(captioner.caption, [loaded.image], prefix=prefix)[0]
 
     def mood(self, image: ImageSource | LoadedImage) -> MoodResult:
         loaded = self._image(image)
         encoder, predictor = self._get(MOOD)
-        return predictor.predict(encoder.embed([loaded.image]), [loaded.image])[0]
+        return self._compute.run(lambda: predictor.predict(encoder.embed([loaded.image]), [loaded.image])[0])
 
     def prompt(self, caption: str, mood: MoodResult, genre: str | None = None, extra: str | None = None) -> MusicPrompt:
         if genre and genre.strip().lower() not in GENRES:
@@ -259,9 +272,11 @@ class Pipeline:
         cleaned, _ = clean_user_prompt(text or "", self.settings.max_prompt_chars)
         if not cleaned and features is None:
             raise InputError("Give some text (or audio features) to recommend songs for.")
+        if cleaned:
+            self._await(EMBEDDER)
         if features is None:
-            return {"songs_by_lyrics": catalog.search_lyrics(cleaned, k=k)}
-        by_features, by_lyrics, fused = catalog.recommend(features, cleaned or None, k=k)
+            return {"songs_by_lyrics": self._compute.run(catalog.search_lyrics, cleaned, k=k)}
+        by_features, by_lyrics, fused = self._compute.run(catalog.recommend, features, cleaned or None, k=k)
         out = {"songs_by_features": by_features, "songs_fused": fused}
         if cleaned:
             out["songs_by_lyrics"] = by_lyrics
@@ -274,6 +289,10 @@ class Pipeline:
 
         `caption` replaces the model's caption (the user edited it)."""
         k = self._check_k(k)
+        self._await(MOOD, CAPTION, CATALOG, EMBEDDER)
+        return self._compute.run(self._analyze, image, k, genre, extra, caption)
+
+    def _analyze(self, image, k: int, genre: str | None, extra: str | None, caption: str | None) -> Analysis:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         loaded = self._image(image)
@@ -320,8 +339,9 @@ class Pipeline:
         """The three song lists for an edited caption ("regenerate from my text")."""
         k = self._check_k(k)
         notes: list[str] = []
-        return (*self._songs_for(clean_user_prompt(caption, self.settings.max_prompt_chars)[0], mood, k, notes),
-                notes)
+        self._await(CATALOG, EMBEDDER)
+        text = clean_user_prompt(caption, self.settings.max_prompt_chars)[0]
+        return (*self._compute.run(self._songs_for, text, mood, k, notes), notes)
 
     def _songs_for(self, caption: str, mood: MoodResult, k: int, notes: list[str]):
         try:
@@ -374,14 +394,15 @@ class Pipeline:
         request, _ = self.music_request(prompt, duration_s, seed, temperature, top_k, top_p, guidance_scale)
         generator = self._get(MUSIC)
         self._prune_audio()
-        return generator.generate(request, cancel=cancel, write=write)
+        return self._compute.run(generator.generate, request, cancel=cancel, write=write)
 
     def stream(self, prompt: str, duration_s=8.0, seed=0, *, temperature=1.0, top_k=250, top_p=0.0,
                guidance_scale=3.0, cancel: threading.Event | None = None) -> Iterator:
         request, _ = self.music_request(prompt, duration_s, seed, temperature, top_k, top_p, guidance_scale)
         generator = self._get(MUSIC)
         self._prune_audio()
-        return generator.stream(request, cancel=cancel)
+        # chunk by chunk on the compute thread: an Analyze from another visitor can run between two chunks
+        return self._compute.iterate(generator.stream(request, cancel=cancel))
 
     def save_audio(self, samples, sample_rate: int) -> Path:
         from .audio import write_wav
