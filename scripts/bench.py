@@ -4,6 +4,7 @@ same process against a baseline, since shared machines are noisy.
     python scripts/bench.py music --seconds 5 --json     # MusicGen-small: plain transformers vs the project
     python scripts/bench.py analyze --json               # caption, mood, recommendations, Analyze end to end
     python scripts/bench.py catalog --json               # 1.2M-track feature and 100k-passage lyric catalogs
+    python scripts/bench.py pipeline --json              # every model loaded: streamed music RTF, Analyze
     python scripts/bench.py app --json                   # the whole app: cold start, peak memory, API timings
     add --device cuda to run music/analyze on a GPU when one is present.
 
@@ -473,9 +474,44 @@ def bench_app(args) -> dict:
     return result
 
 
+def bench_pipeline(args) -> dict:
+    """Every model of the app loaded in one Pipeline, as the Space holds them: streamed music and Analyze."""
+    from scripts.real_size import save_checkpoints
+
+    paths = save_checkpoints(Path(args.checkpoints or Path.home() / ".cache" / "image-to-music" / "real-size"))
+    os.environ.update(I2M_CAPTION_MODEL=str(paths["caption"]), I2M_CLIP_MODEL=str(paths["clip"]),
+                      I2M_MUSIC_MODEL=str(paths["music"]), HF_HUB_OFFLINE="1")
+    from pipeline.core import Pipeline
+    from pipeline.settings import Settings
+    from tests.images import photo
+
+    result = {"benchmark": "pipeline", "models": "all of the app's, real-size architectures, random weights"}
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        pipe = Pipeline(Settings.from_env(device=args.device)).start()
+        if not pipe.wait_until_ready(1800):
+            raise RuntimeError("models did not load")
+        result["models_ready_s"] = round(time.perf_counter() - started, 2)
+        result["status"] = {s.name: s.detail for s in pipe.status()}
+        list(pipe.stream("warm-up", 1.0, 0))
+        rtfs, firsts = [], []
+        for i in range(args.repeats):
+            t = time.perf_counter()
+            chunks = list(pipe.stream("upbeat electronic track with punchy drums, 124 BPM", args.seconds, i))
+            rtfs.append((time.perf_counter() - t) / args.seconds)
+            firsts.append(chunks[0].elapsed_s)
+        result.update({"seconds": args.seconds, "stream_rtf": _median(rtfs), "stream_rtf_max": round(max(rtfs), 3),
+                       "first_chunk_s": _median(firsts)})
+        images = [photo(640, 480, seed=i) for i in range(args.repeats)]
+        pipe.analyze(images[0])
+        result["analyze_s"] = _median([_timed(lambda im: pipe.analyze(im, extra="x"), im) for im in images[1:]])
+    result["peak_rss_mb"] = memory.peak_mb
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("music", "analyze", "catalog", "app"))
+    parser.add_argument("what", choices=("music", "analyze", "catalog", "pipeline", "app"))
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--seconds", type=float, default=5.0, help="music: clip length")
@@ -493,7 +529,8 @@ def main(argv=None) -> dict:
 
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no GPU here")
-    result = {"music": bench_music, "analyze": bench_analyze, "catalog": bench_catalog, "app": bench_app}[args.what](args)
+    result = {"music": bench_music, "analyze": bench_analyze, "catalog": bench_catalog, "pipeline": bench_pipeline,
+              "app": bench_app}[args.what](args)
     result["cpu_count"] = os.cpu_count()
     text = json.dumps(result, indent=None if args.json else 1)
     print(text, flush=True)
