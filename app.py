@@ -22,7 +22,7 @@ import gradio as gr
 import numpy as np
 import plotly.graph_objects as go
 
-from pipeline.core import CAPTION, CATALOG, MOOD, MUSIC, get_pipeline
+from pipeline.core import get_pipeline
 from pipeline.errors import UserFacingError
 from pipeline.features import RANGES
 from pipeline.prompt import GENRES
@@ -348,10 +348,10 @@ def build_app(settings: Settings | None = None):
         gr.Markdown("### Your soundtrack")
         with gr.Row():
             with gr.Column(scale=5, min_width=280):
-                model = gr.Dropdown(choices=[settings.music_model if not settings.demo else "demo model"],
-                                    value=settings.music_model if not settings.demo else "demo model",
-                                    label="Model", interactive=False, elem_id="music-model",
-                                    info="Set I2M_MUSIC_MODEL to use medium, melody or stereo variants.")
+                gr.Dropdown(choices=[settings.music_model if not settings.demo else "demo model"],
+                            value=settings.music_model if not settings.demo else "demo model",
+                            label="Model", interactive=False, elem_id="music-model",
+                            info="Set I2M_MUSIC_MODEL to use medium, melody or stereo variants.")
                 duration = gr.Slider(settings.min_duration_s, settings.max_duration_s,
                                      value=settings.default_duration_s, step=0.5, label="Duration (s)",
                                      elem_id="duration")

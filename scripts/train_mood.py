@@ -85,7 +85,7 @@ def train(embeddings: np.ndarray, targets: np.ndarray, *, seed: int = 0, epochs:
     model = build_fast_mlp()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     best, best_state, waited, history = float("inf"), None, 0, []
-    for epoch in range(epochs):
+    for _ in range(epochs):
         model.train()
         perm = torch.as_tensor(rng.permutation(train_idx))
         for start in range(0, len(perm), batch_size):
