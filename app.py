@@ -198,6 +198,11 @@ def build_app(settings: Settings | None = None):
                 song_rows(analysis.songs_by_features), song_rows(analysis.songs_by_lyrics),
                 song_rows(analysis.songs_fused), notes, state)
 
+    def on_new_image(image_path, genre, extra, k, progress=gr.Progress()):
+        if not image_path:  # the photo was cleared
+            return tuple(gr.skip() for _ in range(9))
+        return on_analyze(image_path, genre, extra, k, progress)
+
     @friendly
     def on_regenerate_songs(caption, prompt_text, genre, extra, k, state):
         if not state:
@@ -420,7 +425,9 @@ def build_app(settings: Settings | None = None):
         analyze_outputs = [caption, emotion, mood_plot, prompt, tables["features"], tables["lyrics"],
                            tables["fused"], notes, state]
         analyze_btn.click(on_analyze, [image, genre, extra, k], analyze_outputs, api_visibility="private", **limits)
-        image.upload(on_analyze, [image, genre, extra, k], analyze_outputs, api_visibility="private", **limits)
+        # a new photo (uploaded, pasted, taken or an example clicked) is analyzed at once; results are cached per
+        # image content, so an example clicked again, by anyone, answers instantly
+        image.change(on_new_image, [image, genre, extra, k], analyze_outputs, api_visibility="private", **limits)
         gen_inputs = [prompt, duration, seed, temperature, top_k, top_p, guidance]
         gen_outputs = [audio_out, download, gen_status]
         gen_limits = {"concurrency_limit": settings.generate_concurrency, "concurrency_id": "generate"}

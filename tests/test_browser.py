@@ -140,3 +140,14 @@ def test_demo_banner_limits_and_status_are_shown(browser, live_app):
     footer.get_by_text("music model").first.wait_for(timeout=TIMEOUT_MS)
     assert "song catalog" in footer.inner_text() and "ready" in footer.inner_text()
     page.close()
+
+
+def test_clicking_an_example_photo_analyzes_it(browser, live_app):
+    from playwright.sync_api import expect
+
+    page = browser.new_page()
+    page.goto(live_app, wait_until="domcontentloaded")
+    page.locator("button.gallery-item:has(img[src*='grace_hopper'])").click(timeout=TIMEOUT_MS)
+    expect(page.locator("#caption textarea")).not_to_have_value("", timeout=TIMEOUT_MS)
+    page.locator('#songs-features [role=row][aria-rowindex="2"]').first.wait_for(timeout=TIMEOUT_MS)
+    page.close()

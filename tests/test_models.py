@@ -376,3 +376,27 @@ def test_the_fused_path_generates_deterministically_and_streams(tileable_musicge
     streamed = np.concatenate([c.samples for c in generator.stream(request)])
     assert np.array_equal(streamed, first.samples)
     assert np.max(np.abs(streamed - generator.decode_reference(first.codes))) < 1e-5
+
+
+def test_stereo_models_stream_two_channels(tileable_musicgen, cache_dir, demo_paths):
+    """musicgen-stereo-*: 8 codebooks interleaved left/right, each side decoded by the codec on its own."""
+    from transformers import AutoProcessor, MusicgenConfig, MusicgenForConditionalGeneration
+
+    from pipeline.demo_models import randomize_codebooks
+    from pipeline.musicgen import MusicGenerator, MusicRequest
+
+    config = MusicgenConfig.from_dict(tileable_musicgen.config.to_dict())
+    config.decoder.audio_channels = 2
+    config.decoder.num_codebooks = 8
+    torch.manual_seed(1)
+    model = MusicgenForConditionalGeneration(config).eval()
+    randomize_codebooks(model.audio_encoder)
+    generator = MusicGenerator(model, AutoProcessor.from_pretrained(demo_paths.music), weights="int5",
+                               cache_dir=str(cache_dir))
+    request = MusicRequest("wide stereo pads", 1.2, seed=3)
+    music = generator.generate(request, write=False)
+    assert music.samples.shape == (38400, 2) and music.codes.shape == (8, 60)
+    assert not np.allclose(music.samples[:, 0], music.samples[:, 1])
+    streamed = np.concatenate([c.samples for c in generator.stream(request)])
+    assert np.array_equal(streamed, music.samples)
+    assert np.max(np.abs(streamed - generator.decode_reference(music.codes))) < 1e-5
