@@ -3,8 +3,10 @@
 transformers' `generate` spends most of a CPU step outside the model (logits processors, cache bookkeeping,
 generic masks) and reads fp32 weights. This loop, in the manner of gpt-fast, keeps only what a step needs:
 
-* weights repacked once: fused Q/K/V, fused LM heads, weight-only int4/int8 (`pipeline.quantize`) with bf16
-  activations; the reference transformers modules are dropped afterwards to free their memory;
+* weights repacked once: fused Q/K/V, fused LM heads, low-bit weights (`pipeline.quantize`); the reference
+  transformers modules are dropped afterwards to free their memory;
+* with the native kernel, every layer of a step runs in one C call (`kernels/lowbit_matmul.c`: layer norms,
+  5-bit matrix products, attention over an int8 KV cache, GELU, residuals); otherwise the same step in PyTorch ops;
 * a static KV cache sized for the request, written in place; no masks (a step attends to positions ≤ its own);
 * the text's cross-attention keys and values computed once per request, and cross-attention run only for the
   conditional row of classifier-free guidance: the unconditional row attends to a fully masked, all-zero text,
@@ -47,9 +49,10 @@ def _ln(module: torch.nn.LayerNorm, dtype) -> tuple:
 
 
 class FastMusicgenDecoder:
-    """Built from a loaded `MusicgenForConditionalGeneration`; `weights` is int4 | int8 | bf16 | fp16 | fp32."""
+    """Built from a loaded `MusicgenForConditionalGeneration`; `weights` is int5 | int4 | int8 | bf16 | fp16 | fp32
+    (see `pipeline.quantize.resolve_format` for what each becomes on this machine)."""
 
-    def __init__(self, model, weights: str = "int4", device: str = "cpu", keep_reference: bool = False,
+    def __init__(self, model, weights: str = "int5", device: str = "cpu", keep_reference: bool = False,
                  cache_dir: str | None = None, native_kernels: bool = True):
         self.device = device
         self.format, kernel = resolve_format(weights, device, cache_dir, native_kernels)

@@ -89,7 +89,7 @@ def bake_weight_norm(module: torch.nn.Module) -> None:
 class MusicGenerator:
     """Holds a loaded MusicGen model and its processor; `load()` builds one from a checkpoint folder."""
 
-    def __init__(self, model, processor, *, device: str = "cpu", weights: str = "int4", decoder: str = "fast",
+    def __init__(self, model, processor, *, device: str = "cpu", weights: str = "int5", decoder: str = "fast",
                  cache_dir: str | None = None, native_kernels: bool = True, first_chunk_s: float = 0.5,
                  stream_chunk_s: float = 1.0, audio_dir: Path | None = None, keep_reference: bool = False):
         if model.config.model_type == "musicgen_melody":
