@@ -76,6 +76,7 @@ class FastMusicgenDecoder:
                                kernel)
 
         self.embeddings = torch.stack([e.weight.detach() for e in decoder.embed_tokens]).to(device, self.dtype)
+        self._codebook_index = torch.arange(self.num_codebooks, device=device)
         self.positions = decoder.embed_positions.weights.detach().to(device, self.dtype)
         self.layers = []
         for block in decoder.layers:
@@ -171,7 +172,7 @@ class FastMusicgenDecoder:
         """tokens (B, K) at position `pos` → logits (B, K, V) for position pos + 1."""
         b = tokens.shape[0]
         h, d = self.heads, self.head_dim
-        x = self.embeddings[torch.arange(self.num_codebooks, device=tokens.device), tokens].sum(dim=1)
+        x = self.embeddings[self._codebook_index, tokens].sum(dim=1)
         x = x * self.embed_scale + self.positions[pos]
         if self._fused is not None:
             x = x.contiguous()
@@ -281,16 +282,20 @@ class _Detached(torch.nn.Module):
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
-    """logits (K, V) → one token per codebook: temperature, then top-k, then top-p (nucleus), then a draw."""
+    """logits (K, V) → one token per codebook: temperature, then top-k, then top-p (nucleus), then a draw.
+
+    Works on the k best candidates only (already sorted by `topk`), which gives the same distribution as masking
+    the full vocabulary at a fraction of the operations."""
     logits = logits / max(sampling.temperature, 1e-5)
     if sampling.top_k and sampling.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        values, order = torch.topk(logits, sampling.top_k, dim=-1)
+    elif 0.0 < sampling.top_p < 1.0:
+        values, order = torch.sort(logits, descending=True, dim=-1)
+    else:
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    probs = values.softmax(dim=-1)
     if 0.0 < sampling.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - sorted_logits.softmax(dim=-1) > sampling.top_p  # keep the token that crosses p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        # keep the smallest prefix whose mass reaches p (the token that crosses p included)
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > sampling.top_p, 0.0)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)

@@ -400,3 +400,27 @@ def test_stereo_models_stream_two_channels(tileable_musicgen, cache_dir, demo_pa
     streamed = np.concatenate([c.samples for c in generator.stream(request)])
     assert np.array_equal(streamed, music.samples)
     assert np.max(np.abs(streamed - generator.decode_reference(music.codes))) < 1e-5
+
+
+@pytest.mark.parametrize("top_k, top_p", [(10, 0.0), (0, 0.5), (20, 0.7), (0, 0.0)])
+def test_sampling_follows_temperature_top_k_and_top_p(top_k, top_p):
+    """The sampler draws from the k best candidates only; its distribution must equal masking the whole vocabulary."""
+    from pipeline.fast_decoder import Sampling, sample
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) * 3
+    settings = Sampling(temperature=0.8, top_k=top_k, top_p=top_p)
+    counts = torch.zeros(4, 64)
+    for _ in range(8000):
+        counts[torch.arange(4), sample(logits, settings, generator)] += 1
+    scaled = logits / 0.8
+    if top_k:
+        scaled = scaled.masked_fill(scaled < torch.topk(scaled, top_k).values[..., -1:], float("-inf"))
+    if top_p:
+        ordered, order = torch.sort(scaled, descending=True)
+        p = ordered.softmax(-1)
+        ordered = ordered.masked_fill(p.cumsum(-1) - p > top_p, float("-inf"))
+        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, ordered)
+    expected = scaled.softmax(-1)
+    assert (counts / 8000 - expected).abs().max() < 0.03
+    assert counts[expected == 0].sum() == 0
