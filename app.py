@@ -131,7 +131,7 @@ def radar(features: dict | None, song: dict | None = None) -> go.Figure:
         figure.add_trace(go.Scatterpolar(r=values, theta=labels, fill="toself", name=song["title"][:32],
                                          line={"color": "#f59e0b"}, opacity=0.7))
     figure.update_layout(polar={"radialaxis": {"visible": True, "range": [0, 1], "showticklabels": False}},
-                         margin={"l": 40, "r": 40, "t": 30, "b": 30}, height=320, showlegend=True,
+                         margin={"l": 70, "r": 70, "t": 30, "b": 30}, height=320, showlegend=True,
                          legend={"orientation": "h", "y": -0.1})
     return figure
 
