@@ -131,7 +131,7 @@ class FastMusicgenDecoder:
         hidden = self.text_encoder(input_ids=input_ids.to(self.device),
                                    attention_mask=attention_mask.to(self.device)).last_hidden_state
         if self.enc_to_dec_proj is not None:
-            hidden = self.enc_to_dec_proj(hidden)
+            hidden = self.enc_to_dec_proj(hidden.to(self.enc_to_dec_proj.weight.dtype))
         hidden = hidden * attention_mask.to(self.device)[..., None].to(hidden.dtype)
         return hidden.to(self.dtype), attention_mask.to(self.device).bool()
 
@@ -260,6 +260,7 @@ class FastMusicgenDecoder:
         t = decoder_tokens.shape[-1]
         caches = self._new_caches(b, t, cross, cross_mask)
         out = []
+        decoder_tokens = decoder_tokens.to(self.device)
         for pos in range(t):
             tokens = decoder_tokens[:1, :, pos].expand(b, -1)
             out.append(self._step(tokens, pos, caches, cross, cross_mask))

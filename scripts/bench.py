@@ -100,7 +100,7 @@ def bench_music(args) -> dict:
         frames = int(round(args.seconds * 50))
         steps = frames + 3
         prompt = "upbeat electronic track with punchy drums, 124 BPM"
-        inputs = processor(text=[prompt], return_tensors="pt")
+        inputs = processor(text=[prompt], return_tensors="pt").to(device)
 
         # baseline: plain fp32 transformers generate, fixed length
         torch.manual_seed(0)
@@ -113,7 +113,7 @@ def bench_music(args) -> dict:
             baseline_s = time.perf_counter() - started
 
         # quality guard on the real-size architecture: next-token logits under teacher forcing vs fp32
-        tokens = torch.randint(0, 2048, (1, 4, 64), generator=torch.Generator().manual_seed(1))
+        tokens = torch.randint(0, 2048, (1, 4, 64), generator=torch.Generator().manual_seed(1)).to(device)
         tokens[:, :, 0] = 2048
         with torch.inference_mode():
             encoded = model.text_encoder(**inputs).last_hidden_state
