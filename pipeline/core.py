@@ -103,6 +103,7 @@ class Pipeline:
         return True
 
     def _load_all(self) -> None:
+        from .memory import loading_allocations
         from .runtime import quiet_libraries, resolve_runtime
 
         quiet_libraries()
@@ -111,8 +112,6 @@ class Pipeline:
             CATALOG: self._load_catalog, EMBEDDER: self._load_embedder, MOOD: self._load_mood,
             CAPTION: self._load_caption, MUSIC: self._load_music,
         }
-        from .memory import loading_allocations
-
         with loading_allocations():
             for name in COMPONENTS:
                 self._load_one(name, loaders[name])
@@ -140,7 +139,7 @@ class Pipeline:
 
         model_id = getattr(self.settings, f"{kind}_model")
         if self.settings.demo and kind in ("caption", "clip", "music"):
-            path = getattr(self._demo_paths(), {"clip": "clip"}.get(kind, kind))
+            path = getattr(self._demo_paths(), kind)
             return path, f"tiny random-weight demo {kind} model"
         revision = self.settings.revision_for(kind)
         resolved = resolve(ArtifactSpec(name, model_id, revision), token=self.settings.hf_token or None)
@@ -227,9 +226,6 @@ class Pipeline:
     def status(self) -> list[ComponentStatus]:
         return [ComponentStatus(name=name, state=slot.state, detail=slot.error or slot.detail, seconds=slot.seconds)
                 for name, slot in self._slots.items()]
-
-    def is_ready(self, name: str) -> bool:
-        return self._slots[name].state == "ready"
 
     # -- single steps ---------------------------------------------------------------------------------------------
     def load_image(self, source: ImageSource) -> LoadedImage:
