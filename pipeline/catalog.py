@@ -148,10 +148,6 @@ class Catalog:
         c = self.manifest["counts"]
         return {k: int(c[k]) for k in ("songs", "with_features", "with_lyrics", "with_both")}
 
-    @property
-    def embedder_spec(self) -> dict:
-        return self.manifest["embedder"]
-
     def attach_embedder(self, embedder) -> None:
         """Use `embedder` for lyric queries after checking its fingerprint against the manifest."""
         from .embedder import fingerprint_matches
@@ -252,7 +248,7 @@ class Catalog:
         return recommend.aggregate_passages(self._passage_song_ids[rows[0][keep]], sims[0][keep],
                                             self._calibration)
 
-    def lyric_score_for(self, q: np.ndarray, song: int) -> float | None:
+    def _lyric_score_for(self, q: np.ndarray, song: int) -> float | None:
         """The calibrated lyric score of one song, from all its passages (used to complete fused lists)."""
         start, end = self._passage_bounds[song], self._passage_bounds[song + 1]
         if end <= start:
@@ -261,7 +257,7 @@ class Catalog:
         sims = np.sort(vectors @ q)[::-1]
         return recommend.calibrated_song_score(sims, floor=None, calibration=self._calibration)
 
-    def feature_score_for(self, query: np.ndarray, present: np.ndarray, song: int) -> float | None:
+    def _feature_score_for(self, query: np.ndarray, present: np.ndarray, song: int) -> float | None:
         row = self._feature_row[song]
         if row < 0:
             return None
@@ -292,11 +288,11 @@ class Catalog:
         # complete both rankings over the whole candidate pool, so a song strong on both sides is seen as such
         for song in set(feature_scores) | set(lyric_scores):
             if query is not None and song not in feature_scores:
-                score = self.feature_score_for(query, present, song)
+                score = self._feature_score_for(query, present, song)
                 if score is not None:
                     feature_scores[song] = score
             if q is not None and song not in lyric_scores:
-                score = self.lyric_score_for(q, song)
+                score = self._lyric_score_for(q, song)
                 if score is not None:
                     lyric_scores[song] = score
         fused = []
@@ -317,11 +313,6 @@ class Catalog:
             spotify_url=spotify_url(self._spotify[song]), score=round(min(1.0, max(0.0, float(score))), 4),
             features={name: (None if math.isnan(v) else round(float(v), 4)) for name, v in zip(FEATURES, values)},
             why=why)
-
-    def song(self, song_id: int) -> SongMatch:
-        if not 0 <= int(song_id) < len(self._titles):
-            raise InputError(f"No song with id {song_id}.")
-        return self._match(int(song_id), 1.0, "")
 
 
 def _feature_query(features) -> tuple[np.ndarray, np.ndarray]:
