@@ -143,11 +143,13 @@ def resolve(spec: ArtifactSpec, *, token: str | None = None, cache_dir: str | No
     return ResolvedArtifact(path, "hub", tuple(tried))
 
 
+def redact(text: str, token: str | None) -> str:
+    """The one place a secret is taken out of text bound for a log, the status panel or an error message."""
+    return text.replace(token, "<HF_TOKEN>") if token else text
+
+
 def _describe(exc: Exception, token: str | None) -> str:
-    text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    if token:
-        text = text.replace(token, "<HF_TOKEN>")
-    return text[:300]
+    return redact(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", token)[:300]
 
 
 def _failure(spec: ArtifactSpec, tried: list[str], *, offline: bool) -> str:

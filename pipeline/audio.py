@@ -8,9 +8,11 @@ clip generated in one go are normalised identically.
 
 from __future__ import annotations
 
+import io
 import os
 import time
 import uuid
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -83,13 +85,24 @@ def soft_limit(x: np.ndarray) -> np.ndarray:
     return y
 
 
+def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
+    """16-bit PCM WAV bytes: what a streamed chunk is sent as (Gradio passes bytes through untouched, so loudness
+    stays ours) and what a WAV file holds."""
+    pcm = (np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as handle:
+        handle.setnchannels(1 if pcm.ndim == 1 else pcm.shape[1])
+        handle.setsampwidth(2)
+        handle.setframerate(sample_rate)
+        handle.writeframes(pcm.tobytes())
+    return buffer.getvalue()
+
+
 def write_wav(samples: np.ndarray, sample_rate: int, folder: Path) -> Path:
     """Each request gets its own file (never a shared path), 16-bit PCM."""
-    import soundfile as sf
-
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"music-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:10]}.wav"
-    sf.write(str(path), np.asarray(samples, dtype=np.float32), sample_rate, subtype="PCM_16")
+    path.write_bytes(wav_bytes(samples, sample_rate))
     return path
 
 

@@ -35,6 +35,12 @@ RANGES: dict[str, tuple[float, float]] = {
     "time_signature": (1.0, 7.0),
 }
 
+# Where a feature is still informative for comparing songs (and for drawing it): values outside are clipped.
+BOUNDS: dict[str, tuple[float, float]] = {
+    **{name: (0.0, 1.0) for name in FEATURES}, "key": (0.0, 11.0), "tempo": (50.0, 200.0), "loudness": (-30.0, 0.0),
+    "duration_ms": (60_000.0, 600_000.0), "time_signature": (1.0, 7.0),
+}
+
 UNITS = {"loudness": "dB", "tempo": "BPM", "duration_ms": "ms"}
 
 WEIGHTS: dict[str, float] = {
@@ -60,16 +66,9 @@ def _bounded(features: np.ndarray) -> np.ndarray:
             out[:, col], out[:, col + 1] = np.cos(angle), np.sin(angle)
             col += 2
             continue
-        if name == "tempo":
-            v = np.clip(v, 50.0, 200.0)
-        elif name == "loudness":
-            v = np.clip(v, -30.0, 0.0)
-        elif name == "duration_ms":
-            v = np.log(np.clip(v, 60_000.0, 600_000.0))
-        elif name == "time_signature":
-            v = np.clip(v, 1.0, 7.0)
-        else:
-            v = np.clip(v, 0.0, 1.0)
+        v = np.clip(v, *BOUNDS[name])
+        if name == "duration_ms":
+            v = np.log(v)
         out[:, col] = v
         col += 1
     return out

@@ -84,9 +84,9 @@ class Settings:
                                   "MusicGen decoder weights: `auto` (int5 on CPU, fp16 on GPU), `int5`, `int4`, "
                                   "`int8`, `bf16`, `fp32` (the reference).",
                                   choices=("auto", "int5", "int4", "int8", "bf16", "fp32", "fp16"))
-    music_decoder: str = _setting("I2M_MUSIC_DECODER", "fast",
-                                  "`fast`: the project's lean decode loop; `reference`: transformers' `generate`.",
-                                  choices=("fast", "reference"))
+    music_backend: str = _setting("I2M_MUSIC_BACKEND", "fast",
+                                  "Who samples the music codes: `fast` (the project's lean decode loop) or "
+                                  "`reference` (transformers' `generate`).", choices=("fast", "reference"))
     native_kernels: bool = _setting("I2M_NATIVE_KERNELS", True,
                                     "Compile the project's int5/int4 CPU kernel with the system C compiler on first "
                                     "use; off = PyTorch's own kernels (int8 for int5).")
@@ -120,6 +120,9 @@ class Settings:
     generate_concurrency: int = _setting("I2M_GENERATE_CONCURRENCY", 1, "Music generations run at once.",
                                          low=1, high=16)
     analyze_cache_size: int = _setting("I2M_ANALYZE_CACHE", 128, "Analyze results kept per image and settings (LRU).",
+                                       low=0, high=100_000)
+    analyze_cache_mb: float = _setting("I2M_ANALYZE_CACHE_MB", 32.0,
+                                       "Most memory the Analyze cache may hold, in MB (oldest results go first).",
                                        low=0, high=100_000)
     load_wait_s: float = _setting("I2M_LOAD_WAIT", 45.0,
                                   "A request for a model still loading waits this long, then answers 'still loading'.",

@@ -85,8 +85,9 @@ def _percentile(values, q):
 def bench_music(args) -> dict:
     import torch
 
-    from pipeline.fast_decoder import FastMusicgenDecoder, Sampling
-    from pipeline.musicgen import MusicGenerator, MusicRequest
+    from pipeline.music import MusicRequest, Sampling
+    from pipeline.music.generator import MusicGenerator
+    from pipeline.music.lm import FastMusicLM
     from pipeline.runtime import resolve_runtime
     from pipeline.settings import Settings
     from scripts.real_size import musicgen_small
@@ -122,7 +123,7 @@ def bench_music(args) -> dict:
                               decoder_input_ids=torch.cat([tokens, tokens]).reshape(8, 64)).logits
         reference = reference.reshape(2, 4, 64, -1).permute(0, 2, 1, 3)
         weights = args.weights or resolve_runtime(settings.replace(device=device)).music_weights
-        fast = FastMusicgenDecoder(model, weights=weights, device=device, cache_dir=settings.cache_dir,
+        fast = FastMusicLM(model, weights=weights, device=device, cache_dir=settings.cache_dir,
                                    keep_reference=True, native_kernels=settings.native_kernels)
         got = fast.teacher_forced_logits(inputs.input_ids, inputs.attention_mask, tokens)
         cosine = float(torch.nn.functional.cosine_similarity(got.flatten().double().cpu(),
@@ -143,9 +144,9 @@ def bench_music(args) -> dict:
             step_times.append(now - last[0])
             last[0] = now
 
-        ids, mask = generator._tokens(prompt)
+        ids, mask = generator.tokenize(prompt)
         last[0] = time.perf_counter()
-        for _ in generator._fast.frames(ids, mask, frames, seed=0, sampling=Sampling(), on_step=on_step):
+        for _ in generator.lm.frames(ids, mask, frames, seed=0, sampling=Sampling(), on_step=on_step):
             pass  # per-step times of the decode loop alone
         started = time.perf_counter()
         chunks = []
@@ -158,7 +159,7 @@ def bench_music(args) -> dict:
     audio_s = sum(c.samples.shape[0] for c in chunks) / generator.sample_rate
     return {
         "benchmark": "music", "device": device, "model": "musicgen-small architecture, random weights",
-        "seconds": args.seconds, "steps": steps, "weights": generator.weights, "decoder": generator.backend,
+        "seconds": args.seconds, "steps": steps, "weights": generator.weights, "backend": generator.backend,
         "baseline": "transformers MusicgenForConditionalGeneration.generate, fp32",
         "baseline_s": round(baseline_s, 3), "baseline_rtf": round(baseline_s / args.seconds, 3),
         "baseline_ms_per_step": round(baseline_s / steps * 1000, 2),
@@ -186,7 +187,7 @@ def bench_analyze(args) -> dict:
     from pipeline.prompt import build_prompt
     from pipeline.settings import EMBEDDER_REVISIONS, Settings
     from scripts.real_size import blip_base, clip_vit_b32
-    from tests.images import photo
+    from scripts.sample_images import photo
 
     quiet_libraries()
     settings = Settings.from_env()
@@ -483,7 +484,7 @@ def bench_pipeline(args) -> dict:
                       I2M_MUSIC_MODEL=str(paths["music"]), HF_HUB_OFFLINE="1")
     from pipeline.core import Pipeline
     from pipeline.settings import Settings
-    from tests.images import photo
+    from scripts.sample_images import photo
 
     result = {"benchmark": "pipeline", "models": "all of the app's, real-size architectures, random weights"}
     with PeakMemory() as memory:

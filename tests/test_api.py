@@ -8,7 +8,7 @@ import soundfile as sf
 from gradio_client import handle_file
 
 from pipeline.catalog import SongMatch
-from tests import images
+from scripts import sample_images as images
 
 SONG_FIELDS = set(SongMatch.__dataclass_fields__)
 EXAMPLE = "assets/examples/cat.jpg"

@@ -4,7 +4,7 @@ from PIL import Image
 
 from pipeline.errors import InputError
 from pipeline.images import load_image
-from tests import images
+from scripts import sample_images as images
 
 LIMITS = {"max_pixels": 50_000_000, "max_side": 1024, "max_bytes": 20_000_000}
 

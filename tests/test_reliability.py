@@ -16,7 +16,7 @@ import soundfile as sf
 from gradio_client import Client, handle_file
 
 from pipeline.core import Pipeline
-from tests import images
+from scripts import sample_images as images
 from tests.conftest import ROOT, free_port
 
 EXAMPLE = str(ROOT / "assets" / "examples" / "coffee.jpg")
@@ -186,7 +186,7 @@ def test_two_hundred_analyses_do_not_grow_memory(client, pipeline, tmp_path):
     after = process.memory_info().rss
     assert after <= before * 1.10, (before / 1e6, after / 1e6)
     assert files_in(audio_dir) == audio_files  # analysis writes nothing of its own
-    assert len(pipeline._cache) <= pipeline.settings.analyze_cache_size
+    assert pipeline.cached_analyses <= pipeline.settings.analyze_cache_size
 
 
 # -- faults --------------------------------------------------------------------------------------------------------
@@ -219,10 +219,10 @@ def test_a_model_that_fails_to_load_leaves_the_rest_working(settings, tmp_path):
 
 
 def test_a_generation_that_fails_midway_frees_memory_and_the_next_one_works(pipeline, monkeypatch):
-    generator = pipeline._get("music model")
-    original = generator._frames
+    generator = pipeline.component("music model")
+    original = generator.frames
 
-    def failing(request, cancel):
+    def failing(request, cancel=None):
         for i, block in enumerate(original(request, cancel)):
             if i == 3:
                 raise RuntimeError("simulated fault")
@@ -233,11 +233,11 @@ def test_a_generation_that_fails_midway_frees_memory_and_the_next_one_works(pipe
     gc.collect()
     before = process.memory_info().rss
     threads = threading.active_count()
-    monkeypatch.setattr(generator, "_frames", failing)
+    monkeypatch.setattr(generator, "frames", failing)
     for _ in range(5):
         with pytest.raises(RuntimeError, match="simulated"):
             list(pipeline.stream("doomed", 3.0, 1))
-    monkeypatch.setattr(generator, "_frames", original)
+    monkeypatch.setattr(generator, "frames", original)
     gc.collect()
     assert process.memory_info().rss < before + 50e6
     assert threading.active_count() <= threads + 1

@@ -3,7 +3,7 @@
 transformers' `generate` spends most of a CPU step outside the model (logits processors, cache bookkeeping,
 generic masks) and reads fp32 weights. This loop, in the manner of gpt-fast, keeps only what a step needs:
 
-* weights repacked once: fused Q/K/V, fused LM heads, low-bit weights (`pipeline.quantize`); the reference
+* weights repacked once: fused Q/K/V, fused LM heads, low-bit weights (`quantize.PackedLinear`); the reference
   transformers modules are dropped afterwards to free their memory;
 * with the native kernel, every layer of a step runs in one C call (`kernels/lowbit_matmul.c`: layer norms,
   5-bit matrix products, attention over an int8 KV cache, GELU, residuals); otherwise the same step in PyTorch ops;
@@ -13,7 +13,7 @@ generic masks) and reads fp32 weights. This loop, in the manner of gpt-fast, kee
   which contributes exactly zero (as in transformers and audiocraft);
 * sampling with its own `torch.Generator`, so a seed gives the same codes on every run and in every thread.
 
-`FastMusicgenDecoder.frames()` yields audio codes as soon as each frame is complete (the delay pattern offsets
+`FastMusicLM.frames()` yields audio codes as soon as each frame is complete (the delay pattern offsets
 codebook k by k steps), which is what streaming playback consumes.
 """
 
@@ -21,39 +21,46 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from .errors import Cancelled
-from .memory import release_file_pages, trim
-from .quantize import ACTIVATION_DTYPE, pack_linear, packed_bytes, resolve_format
+from ..errors import Cancelled
+from ..memory import release_file_pages, trim
+from .native import LAYER_MATRICES
+from .quantize import ACTIVATION_DTYPE, pack_linear, resolve_format
+from .request import Sampling
 
 
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 1.0
-    top_k: int = 250
-    top_p: float = 0.0
-    guidance_scale: float = 3.0
+class LayerWeights:
+    """One decoder layer repacked: its layer norms and `PackedLinear` matrices (`LAYER_MATRICES`, plus the
+    cross-attention keys and values, which run once per request on the text)."""
+
+    __slots__ = ("ln1", "ln2", "ln3", "cross_k", "cross_v") + LAYER_MATRICES
+
+    def matrices(self) -> list:
+        return [getattr(self, name) for name in LAYER_MATRICES + ("cross_k", "cross_v")]
 
 
-class _Layer:
-    __slots__ = ("ln1", "qkv", "out", "ln2", "cross_q", "cross_out", "cross_k", "cross_v", "ln3", "fc1", "fc2")
+def codebook_delays(num_codebooks: int, channels: int) -> list[int]:
+    """MusicGen's delay pattern: codebook k is k steps behind the first (stereo codebooks come in interleaved
+    L/R pairs that share a delay), so a frame is complete `max(delays)` steps after its first code."""
+    return [k // 2 if channels == 2 else k for k in range(num_codebooks)]
 
 
 def _ln(module: torch.nn.LayerNorm, dtype) -> tuple:
     return (module.normalized_shape, module.weight.detach().to(dtype), module.bias.detach().to(dtype), module.eps)
 
 
-class FastMusicgenDecoder:
-    """Built from a loaded `MusicgenForConditionalGeneration`; `weights` is int5 | int4 | int8 | bf16 | fp16 | fp32
-    (see `pipeline.quantize.resolve_format` for what each becomes on this machine)."""
+class FastMusicLM:
+    """MusicGen's language model over audio codes, rebuilt for decoding from a loaded
+    `MusicgenForConditionalGeneration`. `weights` is int5 | int4 | int8 | bf16 | fp16 | fp32 (see
+    `quantize.resolve_format` for the format each becomes on this machine); `fused_layers=False` keeps the
+    per-operation PyTorch step even where the native kernel could run whole layers (tests compare the two)."""
 
     def __init__(self, model, weights: str = "int5", device: str = "cpu", keep_reference: bool = False,
-                 cache_dir: str | None = None, native_kernels: bool = True):
+                 cache_dir: str | None = None, native_kernels: bool = True, fused_layers: bool = True):
         self.device = device
         self.format, kernel = resolve_format(weights, device, cache_dir, native_kernels)
         self.dtype = ACTIVATION_DTYPE[self.format]
@@ -80,7 +87,7 @@ class FastMusicgenDecoder:
         self.positions = decoder.embed_positions.weights.detach().to(device, self.dtype)
         self.layers = []
         for block in decoder.layers:
-            layer = _Layer()
+            layer = LayerWeights()
             attn, cross = block.self_attn, block.encoder_attn
             layer.ln1 = _ln(block.self_attn_layer_norm, self.dtype)
             layer.qkv = pack(attn.q_proj, attn.k_proj, attn.v_proj)
@@ -101,26 +108,24 @@ class FastMusicgenDecoder:
         self._kernel = kernel
         self._fused = None
         self.activation = config.activation_function
-        if kernel is not None and self.activation == "gelu":
-            from .native_kernels import FusedLayer
+        if fused_layers and kernel is not None and self.activation == "gelu" and \
+                all(getattr(layer, name).native for layer in self.layers for name in LAYER_MATRICES):
+            from .native import MAX_HEAD_DIM, FusedLayer
 
-            packed = [[getattr(layer, name).keywords.get("packed") if hasattr(getattr(layer, name), "keywords")
-                       else None for name in ("qkv", "out", "cross_q", "cross_out", "fc1", "fc2")]
-                      for layer in self.layers]
-            if all(m is not None for matrices in packed for m in matrices):
-                self._fused = [FusedLayer(matrices, [block.self_attn_layer_norm.weight, block.self_attn_layer_norm.bias,
-                                                     block.encoder_attn_layer_norm.weight,
-                                                     block.encoder_attn_layer_norm.bias,
-                                                     block.final_layer_norm.weight, block.final_layer_norm.bias],
+            if self.head_dim <= MAX_HEAD_DIM:
+                self._fused = [FusedLayer([getattr(layer, name).packed for name in LAYER_MATRICES],
+                                          [block.self_attn_layer_norm.weight, block.self_attn_layer_norm.bias,
+                                           block.encoder_attn_layer_norm.weight, block.encoder_attn_layer_norm.bias,
+                                           block.final_layer_norm.weight, block.final_layer_norm.bias],
                                           block.final_layer_norm.eps, self.heads)
-                               for matrices, block in zip(packed, decoder.layers)]
+                               for layer, block in zip(self.layers, decoder.layers)]
 
         # the text side stays in transformers: T5 runs once per request
         self.text_encoder = model.text_encoder
         self.enc_to_dec_proj = getattr(model, "enc_to_dec_proj", None)
-        self.weight_bytes = sum(packed_bytes(f) for layer in self.layers
-                                for f in (layer.qkv, layer.out, layer.cross_q, layer.cross_out, layer.fc1, layer.fc2))
-        self.weight_bytes += packed_bytes(self.heads_linear)
+        # what one step reads (the text's keys and values are computed once per request, not per step)
+        self.weight_bytes = sum(getattr(layer, name).nbytes for layer in self.layers for name in LAYER_MATRICES)
+        self.weight_bytes += self.heads_linear.nbytes
         if not keep_reference:
             model.decoder = _Detached(config)  # frees ~1.7 GB of fp32 decoder weights for musicgen-small
             trim()
@@ -154,7 +159,7 @@ class FastMusicgenDecoder:
         """A static KV cache per layer, sized for the request: int8, bound with the layers into a FusedStack for
         the C path; else cache_dtype tensors."""
         if self._fused is not None:
-            from .native_kernels import FusedStack
+            from .native import FusedStack
 
             caches = [self._fused[0].new_cache(batch, self.heads, length, self.head_dim) for _ in self.layers]
             return FusedStack(self._kernel, self._fused, caches, cross, cross_mask)
@@ -199,22 +204,22 @@ class FastMusicgenDecoder:
         x = F.layer_norm(x, *self.final_ln)
         return self.heads_linear(x).view(b, self.num_codebooks, self.vocab_size).float()
 
-    def delays(self) -> torch.Tensor:
-        """Offset of each codebook in the delay pattern (stereo codebooks come in interleaved L/R pairs)."""
-        k = torch.arange(self.num_codebooks)
-        return k // 2 if self.channels == 2 else k
+    @property
+    def fused(self) -> bool:
+        """Whether a step runs every layer in one native call (else per-operation PyTorch)."""
+        return self._fused is not None
 
     @torch.inference_mode()
     def frames(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_frames: int, *, seed: int,
                sampling: Sampling, cancel: threading.Event | None = None,
                on_step: Callable[[int, int], None] | None = None) -> Iterator[torch.Tensor]:
         """Yield (K, n) blocks of complete audio-code frames, in order, until `n_frames` have been produced."""
-        delays = self.delays().tolist()
+        delays = codebook_delays(self.num_codebooks, self.channels)
         max_delay = max(delays)
         total_steps = n_frames + max_delay
         if total_steps + 1 > self.max_positions:
             raise ValueError(f"{n_frames} frames exceed the model's {self.max_positions} positions.")
-        guided = sampling.guidance_scale > 1.0
+        guided = sampling.guided
         batch = 2 if guided else 1
         text, text_mask = self.encode_text(input_ids[:1], attention_mask[:1])
         cross = self._cross_kv(text)

@@ -3,10 +3,10 @@
 `MusicGenerator.stream()` yields loudness-normalised audio chunks (≤ `stream_chunk_s`) while codes are being
 sampled; `generate()` returns the same samples at once. For the same request and seed both equal the non-streamed
 reference (`decode_reference`: one EnCodec pass over all the codes) up to float rounding (~1e-7; see
-`pipeline.encodec_stream`) — the chunked codec is also twice as fast as one pass over a long clip.
+`codec.py`) — the chunked codec is also twice as fast as one pass over a long clip.
 
-Two decode backends, chosen by the `I2M_MUSIC_DECODER` setting:
-* `fast` (default): `pipeline.fast_decoder`, the project's lean loop with quantized weights;
+Two backends sample the codes, chosen by the `I2M_MUSIC_BACKEND` setting:
+* `fast` (default): `lm.FastMusicLM`, the project's lean loop with quantized weights;
 * `reference`: transformers' own `generate`, streamed through a per-step hook (a stopping criterion that sees the
   tokens after every step; `generate(streamer=...)` never ends its streamer). MusicGen-Melody always uses it.
 """
@@ -24,29 +24,18 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .audio import LoudnessNormalizer, chunk_grid, write_wav
-from .encodec_stream import LOOKAHEAD_FRAMES, StreamingEncodecDecoder
-from .errors import Cancelled, InputError
-from .fast_decoder import FastMusicgenDecoder, Sampling
-from .memory import release_file_pages
+from ..audio import LoudnessNormalizer, chunk_grid, write_wav
+from ..errors import Cancelled, InputError
+from ..memory import release_file_pages
+from .codec import LOOKAHEAD_FRAMES, StreamingCodec
+from .lm import FastMusicLM, codebook_delays
+from .request import MusicRequest
 
 _GLOBAL_RNG_LOCK = threading.Lock()  # the reference backend samples from torch's global generator
-
-
-@dataclass(frozen=True)
-class MusicRequest:
-    prompt: str
-    duration_s: float
-    seed: int = 0
-    temperature: float = 1.0
-    top_k: int = 250
-    top_p: float = 0.0
-    guidance_scale: float = 3.0
-
-    @property
-    def sampling(self) -> Sampling:
-        return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                        guidance_scale=self.guidance_scale)
+# T5 sees at most this many prompt tokens: a 400-character prompt is ~100 tokens, and MusicGen was trained on
+# short descriptions; the cap bounds the cross-attention every step reads
+MAX_TEXT_TOKENS = 256
+BACKENDS = ("fast", "reference")
 
 
 @dataclass(frozen=True)
@@ -89,11 +78,13 @@ def bake_weight_norm(module: torch.nn.Module) -> None:
 class MusicGenerator:
     """Holds a loaded MusicGen model and its processor; `load()` builds one from a checkpoint folder."""
 
-    def __init__(self, model, processor, *, device: str = "cpu", weights: str = "int5", decoder: str = "fast",
+    def __init__(self, model, processor, *, device: str = "cpu", weights: str = "int5", backend: str = "fast",
                  cache_dir: str | None = None, native_kernels: bool = True, first_chunk_s: float = 0.5,
                  stream_chunk_s: float = 1.0, audio_dir: Path | None = None, keep_reference: bool = False):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if model.config.model_type == "musicgen_melody":
-            decoder = "reference"  # its decoder takes the text as a prefix, not through cross-attention
+            backend = "reference"  # its decoder takes the text as a prefix, not through cross-attention
         bake_weight_norm(model.audio_encoder)
         self.device = device
         self.processor = processor
@@ -105,15 +96,17 @@ class MusicGenerator:
         self.first_chunk_frames = max(1, round(first_chunk_s * self.frame_rate))
         self.chunk_frames = max(1, round(stream_chunk_s * self.frame_rate))
         self.audio_dir = audio_dir
-        self.backend = decoder
+        self.backend = backend
         self._model = model.to(device)
         self.audio_encoder = self._model.audio_encoder
-        if decoder == "fast":
-            self._fast = FastMusicgenDecoder(self._model, weights=weights, device=device, cache_dir=cache_dir,
-                                             native_kernels=native_kernels, keep_reference=keep_reference)
-            self.weights = self._fast.format
+        self.delays = codebook_delays(self.num_codebooks, self.channels)
+        if backend == "fast":
+            self.lm: FastMusicLM | None = FastMusicLM(self._model, weights=weights, device=device,
+                                                      cache_dir=cache_dir, native_kernels=native_kernels,
+                                                      keep_reference=keep_reference)
+            self.weights = self.lm.format
         else:
-            self._fast = None
+            self.lm = None
             self.weights = "fp32"
 
     @classmethod
@@ -141,8 +134,10 @@ class MusicGenerator:
         return cls(model, AutoProcessor.from_pretrained(path), **options)
 
     # -- codes ----------------------------------------------------------------------------------------------------
-    def _tokens(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = self.processor(text=[prompt], return_tensors="pt", padding=True, truncation=True, max_length=256)
+    def tokenize(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's T5 token ids and attention mask, (1, T) each."""
+        inputs = self.processor(text=[prompt], return_tensors="pt", padding=True, truncation=True,
+                                max_length=MAX_TEXT_TOKENS)
         return inputs["input_ids"], inputs["attention_mask"]
 
     def n_frames(self, duration_s: float) -> int:
@@ -153,11 +148,12 @@ class MusicGenerator:
             raise InputError(f"This model makes at most {self.max_frames / self.frame_rate:.0f} s per clip.")
         return frames
 
-    def _frames(self, request: MusicRequest, cancel: threading.Event | None) -> Iterator[torch.Tensor]:
-        ids, mask = self._tokens(request.prompt)
+    def frames(self, request: MusicRequest, cancel: threading.Event | None = None) -> Iterator[torch.Tensor]:
+        """(K, n) blocks of complete code frames, in order, as the backend samples them (no audio yet)."""
+        ids, mask = self.tokenize(request.prompt)
         n = self.n_frames(request.duration_s)
-        if self._fast is not None:
-            yield from self._fast.frames(ids, mask, n, seed=request.seed, sampling=request.sampling, cancel=cancel)
+        if self.lm is not None:
+            yield from self.lm.frames(ids, mask, n, seed=request.seed, sampling=request.sampling, cancel=cancel)
         else:
             yield from self._reference_frames(ids, mask, n, request, cancel)
 
@@ -168,8 +164,9 @@ class MusicGenerator:
         model = self._model
         pad = model.generation_config.pad_token_id
         k = self.num_codebooks
-        delay = (k // 2 if self.channels == 2 else k) - 1
+        delay = max(self.delays)
         steps = n + delay
+        sampling = request.sampling
         _, pattern = model.decoder.build_delay_pattern_mask(
             torch.full((k, 1), pad, dtype=torch.long), pad_token_id=pad, max_length=steps + 1)
         updates: queue.Queue = queue.Queue()
@@ -188,9 +185,9 @@ class MusicGenerator:
                     torch.manual_seed(int(request.seed))
                     model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                    do_sample=True, max_new_tokens=steps, min_new_tokens=steps,
-                                   temperature=request.temperature, top_k=request.top_k or None,
-                                   top_p=request.top_p if 0 < request.top_p < 1 else None,
-                                   guidance_scale=request.guidance_scale,
+                                   temperature=sampling.temperature, top_k=sampling.top_k or None,
+                                   top_p=sampling.top_p if 0 < sampling.top_p < 1 else None,
+                                   guidance_scale=sampling.guidance_scale,
                                    stopping_criteria=StoppingCriteriaList([PerStepHook()]))
                 updates.put(None)
             except BaseException as exc:  # surfaced in the consuming thread
@@ -211,7 +208,7 @@ class MusicGenerator:
                 position = item.shape[-1] - 1
                 complete = min(n, position - delay)
                 if complete > emitted:
-                    delays = torch.arange(k) // 2 if self.channels == 2 else torch.arange(k)
+                    delays = self.delays
                     block = torch.stack([item[c, 1 + delays[c] + emitted: 1 + delays[c] + complete] for c in range(k)])
                     yield block
                     emitted = complete
@@ -250,12 +247,12 @@ class MusicGenerator:
         n = self.n_frames(request.duration_s)
         grid = chunk_grid(n, self.first_chunk_frames, self.chunk_frames)
         hop = self.sample_rate // self.frame_rate
-        decoders = [StreamingEncodecDecoder(self.audio_encoder) for _ in range(self.channels)]
+        decoders = [StreamingCodec(self.audio_encoder) for _ in range(self.channels)]
         normalizer = LoudnessNormalizer()
         waiting: list[torch.Tensor] = []  # code frames not yet handed to the codec
         pending: list[np.ndarray] = []  # final samples not yet emitted
         pending_samples = index = produced = 0
-        for block in self._frames(request, cancel):
+        for block in self.frames(request, cancel):
             produced += block.shape[-1]
             waiting.append(block)
             if codes_sink is not None:
@@ -296,8 +293,3 @@ class MusicGenerator:
                               self.sample_rate, seed=request.seed, prompt=request.prompt,
                               codes=torch.cat(blocks, dim=-1).cpu().numpy(), compute_s=compute,
                               first_chunk_s=chunks[0].elapsed_s if chunks else None, wav_path=path)
-
-    def save(self, samples: np.ndarray) -> Path:
-        if self.audio_dir is None:
-            raise RuntimeError("No audio folder configured.")
-        return write_wav(samples, self.sample_rate, self.audio_dir)

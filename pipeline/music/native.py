@@ -31,6 +31,10 @@ SOURCE = Path(__file__).with_name("kernels") / "lowbit_matmul.c"
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 GROUP = 32
 SUPERBLOCK = 512
+# The six packed matrices of one decoder layer, in the order of `layer_t.weights[]` in kernels/lowbit_matmul.c
+# (its comment on mg_layer names them the same way); the decode loop packs them under these names.
+LAYER_MATRICES = ("qkv", "out", "cross_q", "cross_out", "fc1", "fc2")
+MAX_HEAD_DIM = 256  # mg_layer quantizes one key per head into a stack buffer of this many bytes
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +42,9 @@ class _Packed(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("hb", ctypes.c_void_p), ("d", ctypes.c_void_p), ("mn", ctypes.c_void_p)]
 
 
-class _Layer(ctypes.Structure):
+class _LayerTable(ctypes.Structure):
+    """Mirror of `layer_t` in the C source: one layer's packed matrices, norms, caches and the text's keys."""
+
     _fields_ = [("weights", _Packed * 6), ("norms", ctypes.c_void_p * 6), ("kcache", ctypes.c_void_p),
                 ("vcache", ctypes.c_void_p), ("kscale", ctypes.c_void_p), ("vscale", ctypes.c_void_p),
                 ("ck", ctypes.c_void_p), ("cv", ctypes.c_void_p)]
@@ -75,6 +81,10 @@ class FusedLayer:
     with the pointer tables the C side reads built once."""
 
     def __init__(self, matrices: list["PackedLowBit"], norms: list[torch.Tensor], eps: float, heads: int):
+        if len(matrices) != len(LAYER_MATRICES):
+            raise ValueError(f"a fused layer takes {len(LAYER_MATRICES)} matrices: {', '.join(LAYER_MATRICES)}")
+        if matrices[1].out_features // heads > MAX_HEAD_DIM:
+            raise ValueError(f"the fused layer handles heads of at most {MAX_HEAD_DIM} dimensions")
         self.matrices = matrices
         self.norms = [n.detach().float().contiguous() for n in norms]
         self.eps = float(eps)
@@ -101,7 +111,7 @@ class FusedStack:
                  valid: torch.Tensor):
         self._kernel = kernel
         self._keep = (caches, cross, valid)  # the C side holds raw pointers into these
-        self._table = (_Layer * len(layers))()
+        self._table = (_LayerTable * len(layers))()
         for entry, layer, cache, (ck, cv) in zip(self._table, layers, caches, cross):
             entry.weights = layer._weights
             entry.norms = layer._norms
@@ -188,7 +198,7 @@ class PackedLowBit:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _torch_openmp() -> Path | None:
+def torch_openmp() -> Path | None:
     lib = Path(torch.__file__).parent / "lib"
     candidates = sorted(lib.glob("libgomp*.so*")) + sorted(lib.glob("libiomp*.so*"))
     return candidates[0] if candidates else None
@@ -204,29 +214,32 @@ def _cpu_signature() -> str:
 
 @functools.lru_cache(maxsize=None)
 def load_kernel(cache_dir: str) -> LowBitKernel | None:
-    """Compile (once per source and CPU) and load the kernel; None when that is not possible here."""
-    if os.environ.get("I2M_NATIVE_KERNELS", "1").lower() in ("0", "false", "no", "off"):
-        return None
+    """Compile (once per source, CPU and OpenMP runtime) and load the kernel; None when that is not possible here.
+
+    The library is cached under `cache_dir/kernels/` with the sha256 it had when this process built it; a file
+    that no longer matches (tampered with, truncated, half-written) is rebuilt, never loaded."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    openmp = _torch_openmp()
+    openmp = torch_openmp()
     if compiler is None or openmp is None or not SOURCE.is_file():
         log.info("low-bit kernel unavailable (compiler=%s, openmp=%s)", compiler, openmp)
         return None
     digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_signature().encode() + str(openmp).encode()).hexdigest()[:16]
     target = Path(cache_dir) / "kernels" / f"lowbit_matmul-{digest}.so"
-    if not target.is_file():
+    recorded = target.with_name(target.name + ".sha256")
+    trusted = target.is_file() and recorded.is_file() and recorded.read_text().strip() == _file_sha256(target)
+    if not trusted:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o",
-                       str(built), f"-L{openmp.parent}", f"-Wl,-rpath,{openmp.parent}", f"-l:{openmp.name}", "-lm"]
             try:
-                subprocess.run(command, check=True, capture_output=True, timeout=120)
+                compile_kernel(built, ["-O3", "-march=native"], compiler, openmp)
             except (subprocess.SubprocessError, OSError) as exc:
                 detail = getattr(exc, "stderr", b"") or b""
                 log.warning("low-bit kernel did not compile: %s", detail.decode(errors="replace")[-400:] or exc)
                 return None
+            checksum = _file_sha256(built)
             os.replace(built, target)
+            recorded.write_text(checksum + "\n")
     try:
         kernel = LowBitKernel(ctypes.CDLL(str(target)), target)
     except OSError as exc:
@@ -235,3 +248,19 @@ def load_kernel(cache_dir: str) -> LowBitKernel | None:
     if kernel.isa == "scalar":
         return None  # slower than PyTorch's own kernel
     return kernel
+
+
+def compile_kernel(target: Path, flags: list[str], compiler: str | None = None, openmp: Path | None = None) -> None:
+    """Build the kernel's shared library at `target` with these optimisation / ISA flags, linked against PyTorch's
+    OpenMP runtime (tests also build the portable AVX2 and scalar paths this way)."""
+    compiler = compiler or shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    openmp = openmp or torch_openmp()
+    if compiler is None or openmp is None:
+        raise OSError("no C compiler or no OpenMP runtime in torch")
+    command = [compiler, *flags, "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(target),
+               f"-L{openmp.parent}", f"-Wl,-rpath,{openmp.parent}", f"-l:{openmp.name}", "-lm"]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -21,7 +21,9 @@ CONTEXT_FRAMES = 2  # the upsampling stack reaches ~1.3 frames each way (1 alrea
 LOOKAHEAD_FRAMES = CONV_CONTEXT + CONTEXT_FRAMES  # frames past a sample's own that must exist before it is final
 
 
-class StreamingEncodecDecoder:
+class StreamingCodec:
+    """One channel of EnCodec's decoder (codes → samples), fed a few frames at a time."""
+
     def __init__(self, audio_encoder):
         self.model = audio_encoder
         layers = audio_encoder.decoder.layers
