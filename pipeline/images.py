@@ -22,6 +22,11 @@ from .errors import InputError
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
 
+class NotAnImage(InputError):
+    """The bytes are not in any picture format PIL knows; callers that know where the bytes came from (a link)
+    can say so in their own words."""
+
+
 @dataclass(frozen=True)
 class LoadedImage:
     image: Image.Image  # RGB, upright, at most `max_side` on its longest side
@@ -96,7 +101,7 @@ def _open(source, *, max_pixels: int, max_bytes: int | None) -> Image.Image:
             raise InputError(f"The image declares too many pixels (limit {max_pixels:,}); refusing to decode "
                              "it.") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            raise InputError(f"{name} is not an image this app can read. Upload a JPEG, PNG, WebP or GIF "
+            raise NotAnImage(f"{name} is not an image this app can read. Upload a JPEG, PNG, WebP or GIF "
                              "photo.") from None
     width, height = image.size
     if width * height > max_pixels:

@@ -111,8 +111,21 @@ class Settings:
     max_image_side: int = _setting("I2M_MAX_IMAGE_SIDE", 1024,
                                    "Larger photos are downscaled to this longest side before the models see them.",
                                    low=64, high=8192)
-    max_upload_mb: float = _setting("I2M_MAX_UPLOAD_MB", 20.0, "Largest accepted upload in MB.", low=0.1, high=500)
+    max_upload_mb: float = _setting("I2M_MAX_UPLOAD_MB", 20.0, "Largest accepted upload (or photo from a link) in MB.",
+                                    low=0.1, high=500)
     max_k: int = _setting("I2M_MAX_K", 50, "Most songs one recommendation list may ask for.", low=1, high=500)
+    # Photos from a link
+    url_connect_timeout_s: float = _setting("I2M_URL_CONNECT_TIMEOUT", 3.0,
+                                            "Seconds to wait for a linked photo's server to accept the connection.",
+                                            low=0.1, high=60)
+    url_total_timeout_s: float = _setting("I2M_URL_TOTAL_TIMEOUT", 10.0,
+                                          "Seconds a linked photo may take in all (lookup, redirects, download).",
+                                          low=0.5, high=300)
+    url_allowed_ports: str = _setting("I2M_URL_PORTS", "80,443",
+                                      "Comma-separated ports a photo link may use.")
+    url_allow_loopback: bool = _setting("I2M_URL_ALLOW_LOOPBACK", False,
+                                        "Tests only: let photo links reach 127.0.0.1 (never any other loopback, "
+                                        "private or link-local address).")
     # Serving
     queue_size: int = _setting("I2M_QUEUE_SIZE", 32,
                                "Requests waiting beyond this are answered 'busy, try again'.", low=1, high=10_000)
@@ -152,6 +165,14 @@ class Settings:
             return self.device
         import torch  # deferred: settings are read by the UI process before torch is needed
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1e6)
+
+    @property
+    def url_ports(self) -> frozenset[int]:
+        return frozenset(int(part) for part in self.url_allowed_ports.split(",") if part.strip())
 
     @property
     def audio_dir(self) -> Path:
@@ -206,6 +227,10 @@ def _validated(values: dict[str, Any]) -> Settings:
             raise SettingsError(f"{meta['env']}={value!r} is not one of: {', '.join(meta['choices'])}.")
         if meta["low"] is not None and not (meta["low"] <= value <= meta["high"]):
             raise SettingsError(f"{meta['env']}={value!r} is outside [{meta['low']}, {meta['high']}].")
+    ports = [part.strip() for part in settings.url_allowed_ports.split(",") if part.strip()]
+    if not ports or not all(part.isdigit() and 1 <= int(part) <= 65535 for part in ports):
+        raise SettingsError(f"I2M_URL_PORTS={settings.url_allowed_ports!r} is not a comma-separated list of ports "
+                            "(1-65535).")
     if settings.min_duration_s > settings.max_duration_s:
         raise SettingsError("I2M_MIN_DURATION must not exceed I2M_MAX_DURATION.")
     if not settings.min_duration_s <= settings.default_duration_s <= settings.max_duration_s:
