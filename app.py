@@ -23,6 +23,7 @@ from pathlib import Path
 
 import gradio as gr
 import plotly.graph_objects as go
+from gradio.components.api_component import Api as ApiParameter
 from gradio.data_classes import FileData
 
 from pipeline.audio import wav_bytes
@@ -33,6 +34,7 @@ from pipeline.mood import MoodResult
 from pipeline.music import Sampling
 from pipeline.prompt import GENRES
 from pipeline.settings import Settings
+from pipeline.url_fetch import refuse_remote_path
 
 try:  # ZeroGPU: model calls borrow a GPU for their duration; elsewhere spaces.GPU is a no-op
     import spaces
@@ -59,13 +61,29 @@ DEFAULT_SAMPLING = Sampling()
 log = logging.getLogger("app")
 
 
-class UploadedImage(gr.Image):
+class RefusesLinks:
+    """Gradio downloads a file input whose path is an http(s) URL (in `async_move_resource_to_block_cache`,
+    before `preprocess`), with no size cap and only a per-read timeout. Components with this mixin refuse such
+    paths at that door; photos from links go through `image_url` and the app's own fetcher (pipeline.url_fetch)."""
+
+    async def async_move_resource_to_block_cache(self, url_or_file_path):
+        _refuse_link(url_or_file_path)
+        return await super().async_move_resource_to_block_cache(url_or_file_path)
+
+    def move_resource_to_block_cache(self, url_or_file_path):
+        _refuse_link(url_or_file_path)
+        return super().move_resource_to_block_cache(url_or_file_path)
+
+
+class UploadedImage(RefusesLinks, gr.Image):
     """gr.Image that hands the uploaded file to the pipeline undecoded, so that a corrupt or oversized image gets
     the pipeline's clear message (UI and API alike) instead of a decoding error inside Gradio."""
 
     is_template = True  # renders with the stock Image frontend
 
     def preprocess(self, payload):
+        if payload is not None:
+            _refuse_link(getattr(payload, "path", None))
         if payload is not None and getattr(payload, "path", None) and not str(payload.url or "").startswith("data:"):
             return str(payload.path)
         try:
@@ -73,6 +91,13 @@ class UploadedImage(gr.Image):
         except Exception:
             raise gr.Error("The image could not be read. Upload a JPEG, PNG, WebP or GIF photo.",
                            print_exception=False) from None
+
+
+def _refuse_link(path) -> None:
+    try:
+        refuse_remote_path(path)
+    except UserFacingError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
 
 
 # -- error handling ------------------------------------------------------------------------------------------------
@@ -231,6 +256,13 @@ class Handlers:
                            lyrics=song_rows(analysis.songs_by_lyrics), fused=song_rows(analysis.songs_fused),
                            notes=notes_markdown(analysis.notes), state=state).values()
 
+    @friendly
+    def fetch_link(self, url):
+        """The photo behind a link, shown in the photo box; its change event then analyzes it like an upload."""
+        if not (url or "").strip():
+            raise user_error("Paste a link to a photo first (https://…).")
+        return self.pipe.load_image_url(url).image
+
     def new_image(self, image_path, genre, extra, k, progress=gr.Progress()):
         if not image_path:  # the photo was cleared
             return tuple(gr.skip() for _ in AnalyzeView.FIELDS)
@@ -330,31 +362,30 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
     docstrings, for `gradio_client`, the "Use via API" page and MCP clients alike."""
 
     @friendly
-    def analyze(image: FileData | None = None, k: int = 10, genre: str = "", extra: str = "") -> dict:
+    def analyze(image: FileData | None = None, k: int = 10, genre: str = "", extra: str = "",
+                image_url: str = "") -> dict:
         """Caption, mood (emotion, confidence, 13 audio features), music prompt and three song lists for a photo.
 
         Args:
-            image: the photo (JPEG, PNG, WebP or GIF).
+            image: the photo (JPEG, PNG, WebP or GIF); or leave it empty and give image_url.
             k: songs per list, 1 to the app's limit (50 by default).
             genre: a genre for the music prompt instead of the one chosen from the mood (empty = from the mood).
             extra: words to add to the music prompt, e.g. "with a cello solo".
+            image_url: a public http(s) link to the photo, instead of image.
         """
-        path = _file_path(image)
-        if not path:
-            raise user_error("No image was given. Send a photo (JPEG, PNG, WebP or GIF).")
-        return handlers.run_analyze(path, genre, extra, k).to_dict()
+        # the link is fetched here, outside the GPU-decorated call: a slow server never holds a GPU slot
+        source = pipe.image_from(_file_path(image), image_url)
+        return handlers.run_analyze(source, genre, extra, k).to_dict()
 
     @friendly
-    def caption(image: FileData | None = None) -> str:
+    def caption(image: FileData | None = None, image_url: str = "") -> str:
         """The BLIP caption of a photo.
 
         Args:
-            image: the photo (JPEG, PNG, WebP or GIF).
+            image: the photo (JPEG, PNG, WebP or GIF); or leave it empty and give image_url.
+            image_url: a public http(s) link to the photo, instead of image.
         """
-        path = _file_path(image)
-        if not path:
-            raise user_error("No image was given. Send a photo (JPEG, PNG, WebP or GIF).")
-        return pipe.caption(path)
+        return pipe.caption(pipe.image_from(_file_path(image), image_url))
 
     @gpu(duration=gpu_seconds)
     def _generate_file(prompt, duration_s, seed, sampling):
@@ -448,6 +479,10 @@ def build_layout(pipe: Pipeline, settings: Settings) -> tuple[gr.Blocks, Layout]
             with gr.Column(scale=5, min_width=300):
                 ui.image = UploadedImage(label="Your photo", type="filepath", sources=["upload", "webcam", "clipboard"],
                                          elem_id="image-input", height=320)
+                with gr.Row(equal_height=True):
+                    ui.image_url = gr.Textbox(label="Photo from a link", placeholder="https://…/photo.jpg",
+                                              elem_id="image-url", scale=4, max_lines=1, max_length=2048)
+                    ui.image_url_btn = gr.Button("Fetch", elem_id="image-url-btn", scale=1, min_width=70)
                 with gr.Row():
                     ui.analyze_btn = gr.Button("Analyze", variant="primary", elem_id="analyze-btn", scale=2)
                 with gr.Accordion("Options", open=False):
@@ -539,6 +574,9 @@ def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: S
         # a new photo (uploaded, pasted, taken or an example clicked) is analyzed at once; results are cached per
         # image content, so an example clicked again, by anyone, answers instantly
         ui.image.change(handlers.new_image, analyze_inputs, ui.analyze_outputs, **analyze_limits)
+        for trigger in (ui.image_url.submit, ui.image_url_btn.click):
+            trigger(handlers.fetch_link, [ui.image_url], [ui.image], concurrency_limit=settings.analyze_concurrency,
+                    concurrency_id="link", **private)
         generation = ui.generate_btn.click(handlers.generate, ui.generate_inputs, ui.generate_outputs,
                                            **generate_limits)
         regeneration = ui.regenerate_btn.click(
@@ -563,12 +601,31 @@ def _select_for(handlers: Handlers, which: str):
     return select
 
 
+def refuse_links_in_api_parameters(demo: gr.Blocks) -> None:
+    """gr.api builds its parameter blocks itself, so they get the photo box's door (RefusesLinks) per instance."""
+    for block in demo.blocks.values():
+        if isinstance(block, ApiParameter):
+            block.async_move_resource_to_block_cache = functools.partial(_refusing_async, block)
+            block.move_resource_to_block_cache = functools.partial(_refusing_sync, block)
+
+
+async def _refusing_async(block, url_or_file_path):
+    _refuse_link(url_or_file_path)
+    return await ApiParameter.async_move_resource_to_block_cache(block, url_or_file_path)
+
+
+def _refusing_sync(block, url_or_file_path):
+    _refuse_link(url_or_file_path)
+    return ApiParameter.move_resource_to_block_cache(block, url_or_file_path)
+
+
 def build_app(settings: Settings | None = None) -> gr.Blocks:
     settings = settings or Settings.from_env()
     pipe = get_pipeline(settings)
     handlers = Handlers(pipe, settings)
     demo, ui = build_layout(pipe, settings)
     wire(demo, ui, handlers, build_api(pipe, settings, handlers), settings)
+    refuse_links_in_api_parameters(demo)
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=2)
     return demo
 

@@ -147,7 +147,23 @@ class Pipeline:
     def load_image(self, source: ImageSource) -> LoadedImage:
         s = self.settings
         return load_image(source, max_pixels=s.max_image_pixels, max_side=s.max_image_side,
-                          max_bytes=int(s.max_upload_mb * 1e6))
+                          max_bytes=s.max_upload_bytes)
+
+    def load_image_url(self, url: str) -> LoadedImage:
+        """A photo from a link: public addresses only, bounded in time and size, decoded like an upload
+        (`url_fetch.py` says how)."""
+        from .url_fetch import fetch_image
+
+        return fetch_image(url, self.settings)
+
+    def image_from(self, image: ImageSource | None, image_url: str | None) -> ImageSource | LoadedImage:
+        """Exactly one of an uploaded image or a link, as API callers give them."""
+        has_url = bool((image_url or "").strip())
+        if has_url and image:
+            raise InputError("Give either an image or an image_url, not both.")
+        if not has_url and not image:
+            raise InputError("No image was given. Send a photo (JPEG, PNG, WebP or GIF) or an image_url.")
+        return self.load_image_url(image_url) if has_url else image
 
     def _image(self, image: ImageSource | LoadedImage) -> LoadedImage:
         return image if isinstance(image, LoadedImage) else self.load_image(image)

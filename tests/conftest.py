@@ -86,10 +86,18 @@ def catalog(small_index, embedder):
 
 
 @pytest.fixture(scope="session")
-def settings(cache_dir, small_index):
+def link_port() -> int:
+    """The one extra port photo links may use in the test app, where a local server (tests/test_api.py) serves a
+    photo on 127.0.0.1 (the test-only loopback switch lets exactly that address through)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def settings(cache_dir, small_index, link_port):
     from pipeline.settings import Settings
 
     return Settings.from_env({}, demo=True, cache_dir=str(cache_dir), index_dir=str(small_index),
+                             url_allow_loopback=True, url_allowed_ports=f"80,443,{link_port}",
                              analyze_cache_size=64, load_wait_s=120.0, queue_size=12)
 
 

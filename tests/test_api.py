@@ -88,3 +88,105 @@ def test_a_non_image_file_is_refused_and_the_next_request_works(client, tmp_path
     with pytest.raises(Exception, match="image"):
         client.predict(handle_file(str(bad)), api_name="/caption")
     assert isinstance(client.predict(handle_file(EXAMPLE), api_name="/caption"), str)
+
+
+# -- photos from links -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def photo_server(link_port):
+    """A local web server with one JPEG, counting the requests it gets."""
+    import http.server
+    import threading
+
+    body = images.encoded(images.photo(320, 240, seed=5), "JPEG")
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server API
+            seen.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", link_port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{link_port}", seen
+    server.shutdown()
+
+
+@pytest.mark.parametrize("endpoint", ["analyze", "caption"])
+def test_a_file_input_given_as_a_link_is_refused_before_anything_is_downloaded(live_app, photo_server, endpoint):
+    """Gradio itself would download an http(s) FileData path (no size cap, per-read timeout only): the app refuses
+    it at that door, through the raw HTTP API, and points to image_url."""
+    import json
+
+    base, seen = photo_server
+    seen.clear()
+    link = {"path": f"{base}/photo.jpg", "meta": {"_type": "gradio.FileData"}}
+    payload = {"data": [link, 3, "", "", ""] if endpoint == "analyze" else [link, ""]}
+    url = f"{live_app}gradio_api/call/{endpoint}"
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        event_id = json.loads(response.read())["event_id"]
+    with urllib.request.urlopen(f"{url}/{event_id}", timeout=60) as response:
+        events = response.read().decode()
+    assert "event: error" in events and "image_url" in events, events
+    assert seen == []
+
+
+def test_analyze_and_caption_take_a_photo_link(client, photo_server):
+    base, seen = photo_server
+    result = client.predict(None, 3, "", "", f"{base}/photo.jpg", api_name="/analyze")
+    assert result["caption"] and len(result["songs_fused"]) == 3
+    assert client.predict(None, f"{base}/photo.jpg", api_name="/caption")
+    assert seen  # fetched by the app's own fetcher
+
+
+@pytest.mark.parametrize("link, message", [
+    ("http://10.1.2.3/photo.jpg", "private network"),
+    ("http://169.254.169.254/latest/meta-data/", "link-local"),
+    ("file:///etc/passwd", "only http and https"),
+    ("https://user:secret@example.com/x.jpg", "password"),
+])
+def test_bad_photo_links_get_a_clear_message(client, link, message):
+    with pytest.raises(Exception) as info:
+        client.predict(None, 3, "", "", link, api_name="/analyze")
+    assert message in str(info.value), str(info.value)
+
+
+def test_an_image_and_a_link_together_are_refused(client, photo_server):
+    with pytest.raises(Exception, match="either an image or an image_url"):
+        client.predict(handle_file(EXAMPLE), 3, "", "", f"{photo_server[0]}/photo.jpg", api_name="/analyze")
+
+
+# -- MCP ---------------------------------------------------------------------------------------------------------
+
+def test_the_tools_are_listed_and_callable_through_the_mcp_endpoint(live_app):
+    """An LLM agent's view: the MCP server (streamable HTTP) lists the four tools with their parameters, and a
+    call returns the same data as the API."""
+    import asyncio
+
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamablehttp_client
+
+    async def session_calls():
+        async with streamablehttp_client(f"{live_app}gradio_api/mcp/") as (read, write, _):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                tools = {tool.name: tool for tool in (await session.list_tools()).tools}
+                called = await session.call_tool("recommend", {"text": "dancing in the summer rain", "k": 2})
+                return tools, called
+
+    tools, called = asyncio.run(session_calls())
+    assert {"analyze", "caption", "generate", "recommend"} <= set(tools)
+    assert {"image", "image_url", "k", "genre", "extra"} <= set(tools["analyze"].inputSchema["properties"])
+    assert {"prompt", "duration_s", "seed"} <= set(tools["generate"].inputSchema["properties"])
+    assert "lyrics" in tools["recommend"].description
+    assert not called.isError
+    text = called.content[0].text
+    assert text.count("'spotify_url'") + text.count('"spotify_url"') == 2, text[:300]
