@@ -23,7 +23,7 @@ from pipeline.images import LoadedImage
 from pipeline.settings import Settings, SettingsError
 from pipeline.url_fetch import (USER_AGENT, address_refusal, fetch_bytes, fetch_image, looks_like_url, parse_link,
                                 refuse_remote_path)
-from tests.images import encoded, photo, png_header_claiming
+from scripts.sample_images import encoded, photo, png_header_claiming
 
 JPEG = encoded(photo(320, 240), "JPEG", quality=85)
 STUB_DNS = {
