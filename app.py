@@ -20,6 +20,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import gradio as gr
 import plotly.graph_objects as go
@@ -58,13 +59,19 @@ SPOTIFY_ID = re.compile(r"[A-Za-z0-9]{22}")
 # ZeroGPU lends a GPU for a declared time: model start-up plus a few seconds per second of music, capped
 ZERO_GPU_BASE_S, ZERO_GPU_PER_AUDIO_S, ZERO_GPU_MAX_S = 20, 4, 300
 DEFAULT_SAMPLING = Sampling()
+LINE_POLL_S = 0.5  # how often a request waiting for the music engine yields (and so notices a gone client)
 log = logging.getLogger("app")
 
 
-class RefusesLinks:
-    """Gradio downloads a file input whose path is an http(s) URL (in `async_move_resource_to_block_cache`,
-    before `preprocess`), with no size cap and only a per-read timeout. Components with this mixin refuse such
-    paths at that door; photos from links go through `image_url` and the app's own fetcher (pipeline.url_fetch)."""
+class UploadedImage(gr.Image):
+    """gr.Image that hands the uploaded file to the pipeline undecoded, so that a corrupt or oversized image gets
+    the pipeline's clear message (UI and API alike) instead of a decoding error inside Gradio.
+
+    It also refuses file paths that are links: Gradio downloads a file input whose path is an http(s) URL (in
+    `async_move_resource_to_block_cache`, before `preprocess`) with no size cap and only a per-read timeout.
+    Photos from links go through `image_url` and the app's own fetcher (pipeline.url_fetch)."""
+
+    is_template = True  # renders with the stock Image frontend (Gradio names it after the direct base class)
 
     async def async_move_resource_to_block_cache(self, url_or_file_path):
         _refuse_link(url_or_file_path)
@@ -73,13 +80,6 @@ class RefusesLinks:
     def move_resource_to_block_cache(self, url_or_file_path):
         _refuse_link(url_or_file_path)
         return super().move_resource_to_block_cache(url_or_file_path)
-
-
-class UploadedImage(RefusesLinks, gr.Image):
-    """gr.Image that hands the uploaded file to the pipeline undecoded, so that a corrupt or oversized image gets
-    the pipeline's clear message (UI and API alike) instead of a decoding error inside Gradio."""
-
-    is_template = True  # renders with the stock Image frontend
 
     def preprocess(self, payload):
         if payload is not None:
@@ -210,8 +210,28 @@ def limits_markdown(settings: Settings) -> str:
             f"megapixels (bigger photos are downscaled to {settings.max_image_side} px before the models see them); "
             f"prompts up to {settings.max_prompt_chars} characters (longer ones are cut, with a notice); clips "
             f"{settings.min_duration_s:g}–{settings.max_duration_s:g} s; up to {settings.max_k} songs per list. "
-            "Photos are processed in memory and not kept; generated clips are deleted after "
-            f"{settings.temp_max_age_s // 60} minutes. Song previews load Spotify only when you ask for them.")
+            f"**Privacy.** Photos are analyzed in memory; the uploaded file stays on the server for at most "
+            f"{settings.upload_max_age_s // 60} minutes (so that Analyze can run again) and is then deleted, as are "
+            f"generated clips after {settings.temp_max_age_s // 60} minutes. A photo link is fetched once, from "
+            "public addresses only. Song previews load Spotify only when you ask for them.")
+
+
+def line_status(position: int) -> str:
+    ahead = position - 1
+    return (f"⏳ In line for the music engine: {ahead} request{'s' if ahead != 1 else ''} ahead of yours. "
+            "It starts by itself; keep this page open.")
+
+
+def client_id(request: gr.Request | None) -> str:
+    """Who is asking, for the fair line: the address the Space's proxy saw (the last X-Forwarded-For hop, which a
+    client cannot forge), else the socket's peer."""
+    if request is None:
+        return "local"
+    forwarded = (request.headers or {}).get("x-forwarded-for", "")
+    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    if hops:
+        return hops[-1]
+    return getattr(request.client, "host", None) or "unknown"
 
 
 def notes_markdown(notes) -> str:
@@ -291,25 +311,33 @@ class Handlers:
                                     guidance_scale=guidance)
 
     @friendly
-    def generate(self, prompt, duration_s, seed, temperature, top_k, top_p, guidance):
-        request, truncated = self.pipe.music_request(prompt, duration_s, seed, temperature=temperature, top_k=top_k,
-                                                     top_p=top_p, guidance_scale=guidance)
+    def generate(self, prompt, duration_s, seed, temperature, top_k, top_p, guidance, request: gr.Request):
+        music, truncated = self.pipe.music_request(prompt, duration_s, seed, temperature=temperature, top_k=top_k,
+                                                   top_p=top_p, guidance_scale=guidance)
         limit = self.settings.max_prompt_chars
         note = f" (prompt cut to {limit} characters)" if truncated else ""
         if truncated:
             gr.Warning(f"The prompt was cut to {limit} characters.")
-        yield None, gr.update(visible=False, value=None), f"⏳ Starting… seed {request.seed}{note}"
+        with self.pipe.music_ticket(client_id(request)) as ticket:
+            # waiting is a loop of yields: a visitor who leaves the page is dropped from the line at once
+            while not ticket.wait(LINE_POLL_S):
+                yield None, gr.update(visible=False, value=None), line_status(ticket.position)
+            yield from self._stream_to_player(music, note, (prompt, duration_s, seed, temperature, top_k, top_p,
+                                                            guidance))
+
+    def _stream_to_player(self, music, note, args):
+        yield None, gr.update(visible=False, value=None), f"⏳ Starting… seed {music.seed}{note}"
         parts, rate = [], None
-        for chunk in self.run_stream(prompt, duration_s, seed, temperature, top_k, top_p, guidance):
+        for chunk in self.run_stream(*args):
             parts.append(chunk.samples)
             rate = chunk.sample_rate
             made = chunk.start_s + chunk.samples.shape[0] / chunk.sample_rate
             speed = made / chunk.elapsed_s if chunk.elapsed_s else 0.0
             yield (wav_bytes(chunk.samples, chunk.sample_rate), gr.skip(),
-                   f"🎶 {made:.1f} / {request.duration_s:g} s · {speed:.2f}× real time{note}")
+                   f"🎶 {made:.1f} / {music.duration_s:g} s · {speed:.2f}× real time{note}")
         path = self.pipe.save_audio(parts, rate)
         yield gr.skip(), gr.update(visible=True, value=str(path)), \
-            f"✅ Done: {request.duration_s:g} s, seed {request.seed}. Download the WAV below.{note}"
+            f"✅ Done: {music.duration_s:g} s, seed {music.seed}. Download the WAV below.{note}"
 
     def select_song(self, state, which, evt: gr.SelectData):
         if not state or evt is None:
@@ -388,14 +416,14 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
         return pipe.caption(pipe.image_from(_file_path(image), image_url))
 
     @gpu(duration=gpu_seconds)
-    def _generate_file(prompt, duration_s, seed, sampling):
-        return pipe.generate(prompt, duration_s, seed, **sampling)
+    def _generate_chunks(prompt, duration_s, seed, sampling):
+        yield from pipe.stream(prompt, duration_s, seed, **sampling)
 
     @friendly
     def generate(prompt: str, duration_s: float = settings.default_duration_s, seed: int = 0,
                  temperature: float = DEFAULT_SAMPLING.temperature, top_k: int = DEFAULT_SAMPLING.top_k,
-                 top_p: float = DEFAULT_SAMPLING.top_p,
-                 guidance_scale: float = DEFAULT_SAMPLING.guidance_scale) -> FileData:
+                 top_p: float = DEFAULT_SAMPLING.top_p, guidance_scale: float = DEFAULT_SAMPLING.guidance_scale,
+                 request: gr.Request = None) -> Iterator[FileData | None]:
         """A WAV file (32 kHz, 16-bit, loudness-normalised) of original music for a text prompt.
 
         Args:
@@ -411,7 +439,17 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
         _, truncated = pipe.music_request(prompt, duration_s, seed, **sampling)
         if truncated:
             gr.Warning(f"The prompt was cut to {settings.max_prompt_chars} characters.")
-        return FileData(path=str(_generate_file(prompt, duration_s, seed, sampling).wav_path))
+        # a generator that yields None while it waits and works, so that Gradio can drop it (and free its place
+        # and its compute) as soon as the caller disconnects; `predict` returns the final file
+        with pipe.music_ticket(client_id(request)) as ticket:
+            while not ticket.wait(LINE_POLL_S):
+                yield None
+            parts, rate = [], None
+            for chunk in _generate_chunks(prompt, duration_s, seed, sampling):
+                parts.append(chunk.samples)
+                rate = chunk.sample_rate
+                yield None
+        yield FileData(path=str(pipe.save_audio(parts, rate)))
 
     @friendly
     def recommend(text: str = "", k: int = 10, features: dict | list | str | None = None) -> dict:
@@ -466,8 +504,7 @@ def _slider(name: str, label: str, elem_id: str) -> gr.Slider:
 
 def build_layout(pipe: Pipeline, settings: Settings) -> tuple[gr.Blocks, Layout]:
     ui = Layout()
-    with gr.Blocks(title="Picture Soundtrack", delete_cache=(600, settings.temp_max_age_s),
-                   analytics_enabled=False) as demo:
+    with gr.Blocks(title="Picture Soundtrack", analytics_enabled=False) as demo:
         gr.Markdown("# 🎵 Picture Soundtrack\nDrop in a photo: get its caption and mood, an original music clip "
                     "made for it, and real songs that match — by sound and by lyrics.", elem_id="app-title")
         gr.Markdown("⚠️ **Demo mode**: captions and music come from tiny *random-weight* models built offline, so "
@@ -557,7 +594,10 @@ def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: S
     """Events of the page (all private: the API is `api`'s typed endpoints only)."""
     private = {"api_visibility": "private"}
     analyze_limits = {"concurrency_limit": settings.analyze_concurrency, "concurrency_id": "analyze", **private}
-    generate_limits = {"concurrency_limit": settings.generate_concurrency, "concurrency_id": "generate", **private}
+    # generation handlers wait in the pipeline's fair line (pipeline/fairness.py), which admits
+    # I2M_GENERATE_CONCURRENCY at a time; Gradio only bounds how many may wait there
+    line = {"concurrency_limit": settings.queue_size, "concurrency_id": "generate"}
+    generate_limits = {**line, **private}
     instant = {"queue": False, **private}
     analyze_inputs = [ui.image, ui.genre, ui.extra, ui.k]
     with demo:
@@ -566,8 +606,7 @@ def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: S
                concurrency_id="analyze")
         gr.api(api["caption"], api_name="caption", concurrency_limit=settings.analyze_concurrency,
                concurrency_id="analyze")
-        gr.api(api["generate"], api_name="generate", concurrency_limit=settings.generate_concurrency,
-               concurrency_id="generate")
+        gr.api(api["generate"], api_name="generate", **line)
         gr.api(api["recommend"], api_name="recommend", concurrency_limit=4, concurrency_id="recommend")
 
         ui.analyze_btn.click(handlers.analyze, analyze_inputs, ui.analyze_outputs, **analyze_limits)
@@ -602,7 +641,8 @@ def _select_for(handlers: Handlers, which: str):
 
 
 def refuse_links_in_api_parameters(demo: gr.Blocks) -> None:
-    """gr.api builds its parameter blocks itself, so they get the photo box's door (RefusesLinks) per instance."""
+    """gr.api builds its parameter blocks itself, so they get the photo box's door (see UploadedImage) per
+    instance."""
     for block in demo.blocks.values():
         if isinstance(block, ApiParameter):
             block.async_move_resource_to_block_cache = functools.partial(_refusing_async, block)
@@ -626,8 +666,17 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
     demo, ui = build_layout(pipe, settings)
     wire(demo, ui, handlers, build_api(pipe, settings, handlers), settings)
     refuse_links_in_api_parameters(demo)
+    # uploads (any client may post files) and generated clips are bounded by age and size, oldest first
+    demo.janitor = pipe.janitor(upload_folder()).start()
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=2)
     return demo
+
+
+def upload_folder() -> Path:
+    """Where Gradio keeps uploaded files and the files it serves (GRADIO_TEMP_DIR)."""
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder())
 
 
 def launch_options(settings: Settings) -> dict:

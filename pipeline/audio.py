@@ -1,4 +1,4 @@
-"""Loudness normalisation, WAV files and the folder they live in.
+"""Loudness normalisation and WAV files.
 
 Normalisation must work while audio streams, so it is causal: a one-pole DC blocker (cut-off ≈ 5 Hz) removes any
 offset, each chunk's gain comes from the RMS of everything produced so far (this chunk included), ramped linearly
@@ -9,7 +9,6 @@ clip generated in one go are normalised identically.
 from __future__ import annotations
 
 import io
-import os
 import time
 import uuid
 import wave
@@ -104,30 +103,3 @@ def write_wav(samples: np.ndarray, sample_rate: int, folder: Path) -> Path:
     path = folder / f"music-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:10]}.wav"
     path.write_bytes(wav_bytes(samples, sample_rate))
     return path
-
-
-def prune_folder(folder: Path, max_age_s: float, max_bytes: int, now: float | None = None) -> int:
-    """Delete generated files older than `max_age_s`, then the oldest until the folder fits `max_bytes`."""
-    if not folder.is_dir():
-        return 0
-    now = time.time() if now is None else now
-    files = []
-    for path in folder.iterdir():
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        if path.is_file():
-            files.append((stat.st_mtime, stat.st_size, path))
-    removed = 0
-    files.sort()
-    total = sum(size for _, size, _ in files)
-    for mtime, size, path in files:
-        if now - mtime > max_age_s or total > max_bytes:
-            try:
-                os.remove(path)
-                removed += 1
-                total -= size
-            except OSError:
-                pass
-    return removed

@@ -23,6 +23,7 @@ from .catalog import Catalog, SongMatch
 from .components import CAPTION, CATALOG, EMBEDDER, MOOD, MUSIC, Components, ComponentStatus
 from .compute import compute_thread
 from .errors import ComponentLoading, ComponentUnavailable, InputError, UserFacingError
+from .fairness import FairGate, Ticket
 from .images import ImageSource, LoadedImage, load_image
 from .mood import MoodResult
 from .music.request import DurationLimits, MusicRequest, Sampling
@@ -104,6 +105,7 @@ class Pipeline:
         self._components = Components(self.settings, self._compute.is_current)
         self._cache = _AnalysisCache(self.settings.analyze_cache_size, int(self.settings.analyze_cache_mb * 1e6))
         self.durations = DurationLimits(self.settings.min_duration_s, self.settings.max_duration_s)
+        self._music_gate = FairGate(self.settings.generate_concurrency, self.settings.client_max_jobs)
 
     # -- loading --------------------------------------------------------------------------------------------------
     def start(self) -> "Pipeline":
@@ -276,6 +278,16 @@ class Pipeline:
         duration = self.settings.default_duration_s if duration_s is None else duration_s
         return MusicRequest.checked(text, duration, seed, Sampling.checked(**sampling), self.durations), truncated
 
+    def music_ticket(self, client: str) -> Ticket:
+        """A place in the fair line for music (`fairness.py`): hold it in a `with` block around the generation;
+        raises ClientBusy when this client already holds its share."""
+        return self._music_gate.enter(client)
+
+    @property
+    def music_line(self) -> dict[str, int]:
+        """How many music requests are running and waiting (for the status panel and /status)."""
+        return self._music_gate.counts
+
     def generate(self, prompt: str, duration_s=None, seed=0, *, cancel: threading.Event | None = None,
                  write: bool = True, **sampling):
         request, _ = self.music_request(prompt, duration_s, seed, **sampling)
@@ -300,9 +312,18 @@ class Pipeline:
         return write_wav(np.concatenate(list(parts)), sample_rate, self.settings.audio_dir)
 
     def _prune_audio(self) -> None:
-        from .audio import prune_folder
+        from .storage import prune_folder
 
         prune_folder(self.settings.audio_dir, self.settings.temp_max_age_s, self.settings.temp_max_mb * 1_000_000)
+
+    def janitor(self, upload_folder: Path):
+        """Bounds for the generated clips and for the web server's upload folder (started by the app)."""
+        from .storage import Bound, Janitor
+
+        s = self.settings
+        return Janitor([Bound(s.audio_dir, s.temp_max_age_s, s.temp_max_mb * 1_000_000),
+                        Bound(Path(upload_folder), s.upload_max_age_s, int(s.upload_max_mb * 1_000_000))],
+                       every_s=s.janitor_every_s)
 
 
 def lyric_query(caption: str, mood: MoodResult) -> str:

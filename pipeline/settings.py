@@ -132,6 +132,9 @@ class Settings:
     analyze_concurrency: int = _setting("I2M_ANALYZE_CONCURRENCY", 2, "Analyze requests run at once.", low=1, high=64)
     generate_concurrency: int = _setting("I2M_GENERATE_CONCURRENCY", 1, "Music generations run at once.",
                                          low=1, high=16)
+    client_max_jobs: int = _setting("I2M_CLIENT_MAX_JOBS", 2,
+                                    "Music requests one client (address) may have running or waiting at once; "
+                                    "more are refused with a message.", low=1, high=1000)
     analyze_cache_size: int = _setting("I2M_ANALYZE_CACHE", 128, "Analyze results kept per image and settings (LRU).",
                                        low=0, high=100_000)
     analyze_cache_mb: float = _setting("I2M_ANALYZE_CACHE_MB", 32.0,
@@ -144,6 +147,14 @@ class Settings:
                                    low=60, high=7 * 86400)
     temp_max_mb: int = _setting("I2M_TEMP_MAX_MB", 512, "Generated files are pruned, oldest first, above this size.",
                                 low=1, high=100_000)
+    upload_max_age_s: int = _setting("I2M_UPLOAD_MAX_AGE", 900,
+                                     "Uploaded photos are deleted from the server after this many seconds.",
+                                     low=60, high=86400)
+    upload_max_mb: float = _setting("I2M_UPLOAD_MAX_MB", 256.0,
+                                    "Uploaded files are pruned, oldest first, above this total size in MB.",
+                                    low=0.001, high=100_000)
+    janitor_every_s: float = _setting("I2M_JANITOR_EVERY", 60.0,
+                                      "How often (seconds) the upload and audio folders are pruned.", low=1, high=3600)
     # Locations
     index_dir: str = _setting("I2M_INDEX_DIR", str(REPO_ROOT / "index"), "Folder of the song catalog (`index/`).")
     cache_dir: str = _setting("I2M_CACHE_DIR", str(Path.home() / ".cache" / "image-to-music"),

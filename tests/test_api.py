@@ -172,10 +172,10 @@ def test_the_tools_are_listed_and_callable_through_the_mcp_endpoint(live_app):
     import asyncio
 
     from mcp import ClientSession
-    from mcp.client.streamable_http import streamablehttp_client
+    from mcp.client.streamable_http import streamable_http_client
 
     async def session_calls():
-        async with streamablehttp_client(f"{live_app}gradio_api/mcp/") as (read, write, _):
+        async with streamable_http_client(f"{live_app}gradio_api/mcp/") as (read, write, _):
             async with ClientSession(read, write) as session:
                 await session.initialize()
                 tools = {tool.name: tool for tool in (await session.list_tools()).tools}
