@@ -4,7 +4,6 @@ import gc
 import logging
 import re
 import threading
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
