@@ -54,8 +54,10 @@ def test_recommend_by_text_and_by_features(client):
     assert {"songs_by_lyrics", "songs_by_features", "songs_fused"} == set(both)
 
 
-def test_caption(client):
-    assert isinstance(client.predict(handle_file(EXAMPLE), api_name="/caption"), str)
+def test_caption(client, pipeline):
+    caption = client.predict(handle_file(EXAMPLE), api_name="/caption")
+    assert isinstance(caption, str) and caption.strip()
+    assert caption == pipeline.caption(EXAMPLE)  # the same model and photo through the API and in process
 
 
 @pytest.mark.parametrize("endpoint, args, message", [
@@ -87,7 +89,7 @@ def test_a_non_image_file_is_refused_and_the_next_request_works(client, tmp_path
     bad.write_bytes(images.truncated_jpeg()[:40] + b"garbage")
     with pytest.raises(Exception, match="image"):
         client.predict(handle_file(str(bad)), api_name="/caption")
-    assert isinstance(client.predict(handle_file(EXAMPLE), api_name="/caption"), str)
+    assert client.predict(handle_file(EXAMPLE), api_name="/caption").strip()
 
 
 # -- photos from links -------------------------------------------------------------------------------------------
