@@ -238,15 +238,16 @@ def line_status(position: int) -> str:
             "It starts by itself; keep this page open.")
 
 
-def client_id(request: gr.Request | None) -> str:
-    """Who is asking, for the fair line: the address the Space's proxy saw (the last X-Forwarded-For hop, which a
-    client cannot forge), else the socket's peer."""
+def client_id(request: gr.Request | None, trusted_proxies: int = 1) -> str:
+    """Who is asking, for the fair line. Behind `trusted_proxies` proxies (a Space has one) the client's address is
+    the one the outermost of them appended to X-Forwarded-For — hops further left were written by the client and
+    could be forged; without the header, the socket's peer."""
     if request is None:
         return "local"
     forwarded = (request.headers or {}).get("x-forwarded-for", "")
     hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
-    if hops:
-        return hops[-1]
+    if hops and trusted_proxies > 0:
+        return hops[-min(trusted_proxies, len(hops))]
     return getattr(request.client, "host", None) or "unknown"
 
 
@@ -338,7 +339,7 @@ class Handlers:
         note = f" (prompt cut to {limit} characters)" if truncated else ""
         if truncated:
             gr.Warning(f"The prompt was cut to {limit} characters.")
-        with self.pipe.music_ticket(client_id(request)) as ticket:
+        with self.pipe.music_ticket(client_id(request, self.settings.trusted_proxies)) as ticket:
             # waiting is a loop of yields: a visitor who leaves the page is dropped from the line at once
             while not ticket.wait(LINE_POLL_S):
                 yield None, gr.update(visible=False, value=None), line_status(ticket.position)
@@ -467,7 +468,7 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
             gr.Warning(f"The prompt was cut to {settings.max_prompt_chars} characters.")
         # a generator that yields None while it waits and works, so that Gradio can drop it (and free its place
         # and its compute) as soon as the caller disconnects; `predict` returns the final file
-        with pipe.music_ticket(client_id(request)) as ticket:
+        with pipe.music_ticket(client_id(request, settings.trusted_proxies)) as ticket:
             while not ticket.wait(LINE_POLL_S):
                 yield None
             parts, rate = [], None

@@ -135,6 +135,10 @@ class Settings:
     client_max_jobs: int = _setting("I2M_CLIENT_MAX_JOBS", 2,
                                     "Music requests one client (address) may have running or waiting at once; "
                                     "more are refused with a message.", low=1, high=1000)
+    trusted_proxies: int = _setting("I2M_TRUSTED_PROXIES", 1,
+                                    "Proxies in front of the app (a Space has 1): the client's address is the one "
+                                    "the outermost appended to X-Forwarded-For; 0 = use the socket's peer.",
+                                    low=0, high=10)
     analyze_cache_size: int = _setting("I2M_ANALYZE_CACHE", 128, "Analyze results kept per image and settings (LRU).",
                                        low=0, high=100_000)
     analyze_cache_mb: float = _setting("I2M_ANALYZE_CACHE_MB", 32.0,
