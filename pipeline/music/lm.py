@@ -209,45 +209,103 @@ class FastMusicLM:
         """Whether a step runs every layer in one native call (else per-operation PyTorch)."""
         return self._fused is not None
 
+    def window_limits(self, window: int | None = None, stride: int | None = None) -> tuple[int, int]:
+        """(frames per window, new frames per later window) for long clips, as audiocraft's `extend_stride`: a
+        window holds at most what the model's positions allow; each later window re-reads the previous window's
+        last (window - stride) frames as its audio prompt."""
+        delay = max(codebook_delays(self.num_codebooks, self.channels))
+        most = self.max_positions - delay - 1
+        window = most if window is None else min(int(window), most)
+        stride = window if stride is None else int(stride)
+        if window < 2 or not 1 <= stride <= window:
+            raise ValueError(f"a window of {window} frames cannot advance by {stride}")
+        return window, stride
+
     @torch.inference_mode()
     def frames(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_frames: int, *, seed: int,
                sampling: Sampling, cancel: threading.Event | None = None,
-               on_step: Callable[[int, int], None] | None = None) -> Iterator[torch.Tensor]:
-        """Yield (K, n) blocks of complete audio-code frames, in order, until `n_frames` have been produced."""
+               on_step: Callable[[int, int], None] | None = None, prefix: torch.Tensor | None = None,
+               window: int | None = None, stride: int | None = None) -> Iterator[torch.Tensor]:
+        """Yield (K, n) blocks of complete, new audio-code frames, in order, until `n_frames` have been produced.
+
+        Any length: the model is run over windows of `window` frames (`window_limits`). The first window starts
+        from `prefix` (K, P) when given — the codes an earlier clip ended with, so the music continues it — and
+        each later window from the last (window - stride) frames so far, re-prefilled into the KV cache with the
+        same text conditioning. One sampling generator runs through all windows: a seed gives one long clip."""
+        window, stride = self.window_limits(window, stride)
+        context = window - stride
         delays = codebook_delays(self.num_codebooks, self.channels)
-        max_delay = max(delays)
-        total_steps = n_frames + max_delay
-        if total_steps + 1 > self.max_positions:
-            raise ValueError(f"{n_frames} frames exceed the model's {self.max_positions} positions.")
         guided = sampling.guided
         batch = 2 if guided else 1
         text, text_mask = self.encode_text(input_ids[:1], attention_mask[:1])
         cross = self._cross_kv(text)
         cross_mask = self._cross_mask(text_mask)
-        caches = self._new_caches(batch, total_steps + 1, cross, cross_mask)
+        # one cache for every window (each restarts at position 0): bounded by the window, not the clip
+        caches = self._new_caches(batch, window + max(delays) + 1, cross, cross_mask)
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        codes = torch.full((self.num_codebooks, n_frames), self.pad_id, dtype=torch.long, device=self.device)
-        tokens = torch.full((batch, self.num_codebooks), self.pad_id, dtype=torch.long, device=self.device)
-        emitted = 0
-        for position in range(1, total_steps + 1):
+        if prefix is not None and prefix.shape[-1]:
+            history = prefix.to(self.device, torch.long)[:, -min(context, window - 1):]
+        else:
+            history = torch.zeros(self.num_codebooks, 0, dtype=torch.long, device=self.device)
+        produced = 0
+        while produced < n_frames:
+            prompt = history[:, history.shape[-1] - min(history.shape[-1], context):]
+            new = min(n_frames - produced, window - prompt.shape[-1])
+            for block in self._window(prompt, new, caches, cross, cross_mask, generator, sampling, cancel, on_step):
+                produced += block.shape[-1]
+                yield block
+                history = torch.cat([history, block], dim=-1)[:, -max(context, 1):]
+
+    def _column(self, codes: torch.Tensor, column: int, delays: list[int]) -> torch.Tensor:
+        """Step `column` of the delay pattern for window codes (K, W): codebook k holds frame column - 1 - delay_k,
+        padding outside the window."""
+        frames = [column - 1 - delay for delay in delays]
+        return torch.tensor([codes[k, f] if 0 <= f < codes.shape[-1] else self.pad_id for k, f in enumerate(frames)],
+                            dtype=torch.long, device=self.device)
+
+    def _window(self, prompt: torch.Tensor, new: int, caches, cross, cross_mask, generator: torch.Generator,
+                sampling: Sampling, cancel: threading.Event | None,
+                on_step: Callable[[int, int], None] | None) -> Iterator[torch.Tensor]:
+        """One window: re-prefill the cache with the prompt's steps, then sample `new` frames after it."""
+        delays = codebook_delays(self.num_codebooks, self.channels)
+        max_delay = max(delays)
+        p = prompt.shape[-1]
+        length = p + new
+        total_steps = length + max_delay
+        if total_steps + 1 > self.max_positions:
+            raise ValueError(f"{length} frames exceed the model's {self.max_positions} positions.")
+        batch = 2 if sampling.guided else 1
+        codes = torch.full((self.num_codebooks, length), self.pad_id, dtype=torch.long, device=self.device)
+        codes[:, :p] = prompt
+        # steps 0 .. p-1 hold prompt codes only (the delay pattern rebuilt from complete frames): fill the cache
+        for column in range(p):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            self._step(self._column(codes, column, delays).unsqueeze(0).expand(batch, -1).contiguous(), column,
+                       caches, cross, cross_mask)
+        tokens = self._column(codes, p, delays).unsqueeze(0).expand(batch, -1).contiguous()
+        # a prompt frame stays as given even where a step samples it (codebook k > 0 lags the first by k steps)
+        fixed = torch.tensor(delays, device=self.device)
+        emitted = p
+        for position in range(p + 1, total_steps + 1):
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
             logits = self._step(tokens, position - 1, caches, cross, cross_mask)
-            if guided:
+            if sampling.guided:
                 logits = logits[1] + (logits[0] - logits[1]) * sampling.guidance_scale
             else:
                 logits = logits[0]
             sampled = sample(logits, sampling, generator)
-            # the delay pattern: codebook k holds frame (position - 1 - delay_k); outside the clip it is padding
-            inside = [k for k, delay in enumerate(delays) if 0 <= position - 1 - delay < n_frames]
-            if len(inside) < len(delays):
-                keep = torch.zeros(self.num_codebooks, dtype=torch.bool, device=self.device)
-                keep[inside] = True
-                sampled = torch.where(keep, sampled, torch.full_like(sampled, self.pad_id))
-            if inside:
-                codes[inside, [position - 1 - delays[k] for k in inside]] = sampled[inside]
-            tokens = sampled.unsqueeze(0).expand(batch, -1).contiguous()
-            complete = min(n_frames, position - max_delay)
+            frame = position - 1 - fixed  # the frame each codebook's code belongs to
+            own = (frame >= p) & (frame < length)
+            inside = (frame >= 0) & (frame < length)
+            if bool(own.any()):
+                ks = own.nonzero().squeeze(-1)
+                codes[ks, frame[ks]] = sampled[ks]
+            current = codes[self._codebook_index, frame.clamp(0, length - 1)]
+            tokens = torch.where(inside, current, torch.full_like(current, self.pad_id)).unsqueeze(0) \
+                .expand(batch, -1).contiguous()
+            complete = min(length, position - max_delay)
             if on_step is not None:
                 on_step(position, total_steps)
             if complete > emitted:

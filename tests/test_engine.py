@@ -1,0 +1,163 @@
+"""The music engine beyond one window: long clips, Extend, Endless (tiny demo models; no timing assertions)."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import Cancelled, InputError
+
+WINDOW_S, STRIDE_S = 1.0, 0.6  # 50-frame windows moving on by 30 frames: a 2.4-s clip spans 4 windows
+
+
+@pytest.fixture(scope="module")
+def windowed(demo_paths, cache_dir):
+    """The demo MusicGen with a window small enough that short clips cross several windows, and chunks that fit
+    whole seconds (so that a clip and its extension share one chunk grid)."""
+    from pipeline.music.generator import MusicGenerator
+
+    return MusicGenerator.load(demo_paths.music, cache_dir=str(cache_dir), window_s=WINDOW_S,
+                               extend_stride_s=STRIDE_S, first_chunk_s=0.5, stream_chunk_s=0.5)
+
+
+def _record_steps(monkeypatch):
+    """Every (position, tokens of the conditional row) the decode loop feeds the model, in order."""
+    from pipeline.music.lm import FastMusicLM
+
+    fed: list[tuple[int, list[int]]] = []
+    original = FastMusicLM._step
+
+    def spy(self, tokens, pos, *args):
+        fed.append((pos, tokens[0].tolist()))
+        return original(self, tokens, pos, *args)
+
+    monkeypatch.setattr(FastMusicLM, "_step", spy)
+    return fed
+
+
+def test_long_clips_cross_windows_deterministically_and_stream_equals_generate(windowed):
+    from pipeline.music import MusicRequest
+
+    request = MusicRequest("calm piano", 2.4, seed=4)
+    first = windowed.generate(request, write=False)
+    again = windowed.generate(request, write=False)
+    assert first.codes.shape == (4, 120) and first.samples.shape == (2.4 * 32000,)
+    assert np.array_equal(first.codes, again.codes) and np.array_equal(first.samples, again.samples)
+    streamed = list(windowed.stream(request))
+    assert np.array_equal(np.concatenate([c.samples for c in streamed]), first.samples)
+    assert [c.is_last for c in streamed].count(True) == 1 and len({c.clip_id for c in streamed}) == 1
+    # one codec through all windows: no seam, no repeated or missing samples
+    reference = windowed.decode_reference(first.codes)
+    assert reference.shape == first.samples.shape and np.max(np.abs(reference - first.samples)) < 1e-5
+    # the first window is the clip a single window would make; the later ones go on from it
+    single = windowed.generate(MusicRequest("calm piano", WINDOW_S, seed=4), write=False)
+    assert np.array_equal(single.codes, first.codes[:, :50])
+    assert not np.array_equal(windowed.generate(MusicRequest("calm piano", 2.4, seed=5), write=False).codes,
+                              first.codes)
+
+
+def test_each_window_reprefills_the_delay_pattern_of_its_prompt(windowed, demo_paths, monkeypatch):
+    """What the model is fed in every window equals transformers' own delay pattern (`build_delay_pattern_mask`)
+    of that window's codes: the prompt frames rebuilt as complete frames, then the new ones."""
+    from transformers import MusicgenForConditionalGeneration
+
+    from pipeline.music import MusicRequest
+
+    fed = _record_steps(monkeypatch)
+    music = windowed.generate(MusicRequest("slow strings", 2.0, seed=2), write=False)
+    windows = []
+    for pos, tokens in fed:
+        if pos == 0:
+            windows.append([])
+        windows[-1].append(tokens)
+    window, stride = windowed.window_frames, windowed.stride_frames
+    starts = [0] + [stride * i for i in range(1, len(windows))]
+    assert len(windows) == 3 and starts[-1] + window >= music.codes.shape[1]
+    decoder = MusicgenForConditionalGeneration.from_pretrained(demo_paths.music).decoder
+    pad = decoder.config.pad_token_id
+    for start, steps in zip(starts, windows):
+        codes = torch.as_tensor(music.codes[:, start: start + window])
+        ids = torch.cat([torch.full((4, 1), pad), codes], dim=-1)
+        _, pattern = decoder.build_delay_pattern_mask(ids, pad_token_id=pad, max_length=ids.shape[-1] + 3)
+        assert torch.equal(torch.tensor(steps).T, pattern[:, : len(steps)]), start
+
+
+def test_extend_continues_the_same_audio_with_a_new_prompt(windowed):
+    from pipeline.music import MusicRequest
+
+    clip = windowed.generate(MusicRequest("calm piano", 1.0, seed=3), write=False)
+    request = MusicRequest("fast drums", 1.5, seed=8, continue_from=clip.continuation)
+    more = windowed.generate(request, write=False)
+    assert more.codes.shape == (4, 75) and more.samples.shape == (48000,) and more.clip_id != clip.clip_id
+    assert np.array_equal(np.concatenate([c.samples for c in windowed.stream(request)]), more.samples)
+    assert np.array_equal(windowed.generate(request, write=False).codes, more.codes)
+    # the new music depends on where the clip ended, not only on its own prompt and seed
+    fresh = windowed.generate(MusicRequest("fast drums", 1.5, seed=8), write=False)
+    assert not np.array_equal(fresh.codes, more.codes)
+    # seamless: after the clip's last few frames (decoded as an ending), the extension is exactly the audio of one
+    # long clip with all the codes
+    joined = windowed.decode_reference(np.concatenate([clip.codes, more.codes], axis=1))
+    assert np.max(np.abs(joined[: 45 * 640] - clip.samples[: 45 * 640])) < 1e-5
+    assert np.max(np.abs(joined[32000:] - more.samples)) < 1e-3
+    # and it can be extended in turn (a chain), its continuation counting all the music so far
+    third = windowed.generate(MusicRequest("fast drums", 0.5, seed=1, continue_from=more.continuation), write=False)
+    assert third.continuation.seconds == pytest.approx(3.0)
+
+
+def test_endless_streams_until_cancelled(pipeline):
+    cancel = threading.Event()
+    chunks = []
+    stream = pipeline.stream("endless ambient", seed=1, endless=True, cancel=cancel)
+    with pytest.raises(Cancelled):
+        for chunk in stream:
+            chunks.append(chunk)
+            if len(chunks) == 4:
+                cancel.set()
+    assert len(chunks) == 4 and not any(c.is_last for c in chunks)
+    assert len({c.clip_id for c in chunks}) == 1
+
+
+def test_the_facade_extends_recent_clips_by_id(pipeline):
+    clip = pipeline.generate("warm guitar", 1.0, seed=2, write=False)
+    chunks = list(pipeline.extend(clip.clip_id, 1.0, prompt="bright synth", seed=3))
+    assert sum(c.samples.shape[0] for c in chunks) == 32000 and chunks[-1].is_last
+    assert chunks[0].clip_id != clip.clip_id
+    again = list(pipeline.extend(clip.clip_id, 1.0, prompt="bright synth", seed=3))
+    assert np.array_equal(np.concatenate([c.samples for c in chunks]), np.concatenate([c.samples for c in again]))
+    # a streamed extension can itself be extended; without a prompt it keeps the previous one
+    longer = list(pipeline.extend(chunks[-1].clip_id, 1.0))
+    assert sum(c.samples.shape[0] for c in longer) == 32000
+    with pytest.raises(InputError, match="no longer"):
+        list(pipeline.extend("not-a-clip", 1.0))
+
+
+def test_the_fused_c_path_crosses_windows(tileable_musicgen, cache_dir, demo_paths):
+    from transformers import AutoProcessor
+
+    from pipeline.music import MusicRequest
+    from pipeline.music.generator import MusicGenerator
+
+    generator = MusicGenerator(copy.deepcopy(tileable_musicgen), AutoProcessor.from_pretrained(demo_paths.music),
+                               weights="int5", cache_dir=str(cache_dir), window_s=WINDOW_S, extend_stride_s=STRIDE_S)
+    if not generator.lm.fused:
+        pytest.skip("no native kernel on this machine")
+    request = MusicRequest("calm piano", 2.0, seed=9)
+    first = generator.generate(request, write=False)
+    assert first.codes.shape == (4, 100)
+    assert np.array_equal(generator.generate(request, write=False).codes, first.codes)
+    streamed = np.concatenate([c.samples for c in generator.stream(request)])
+    assert np.array_equal(streamed, first.samples)
+    assert np.max(np.abs(streamed - generator.decode_reference(first.codes))) < 1e-5
+    more = generator.generate(MusicRequest("drums", 1.0, seed=1, continue_from=first.continuation), write=False)
+    assert more.codes.shape == (4, 50)
+
+
+@pytest.fixture(scope="module")
+def tileable_musicgen():
+    from tests.test_models import small_tileable_musicgen
+
+    return small_tileable_musicgen()
