@@ -25,17 +25,23 @@ def windowed(demo_paths, cache_dir):
 
 
 def _record_steps(monkeypatch):
-    """Every (position, tokens of the conditional row) the decode loop feeds the model, in order."""
+    """What the decode loop feeds the model, per KV cache of a conditional row: lists of (position, tokens), a new
+    list each time a cache restarts at position 0 (a new window)."""
     from pipeline.music.lm import FastMusicLM
 
-    fed: list[tuple[int, list[int]]] = []
-    original = FastMusicLM._step
+    fed: dict[int, list[list]] = {}
+    original = FastMusicLM.step
 
-    def spy(self, tokens, pos, *args):
-        fed.append((pos, tokens[0].tolist()))
-        return original(self, tokens, pos, *args)
+    def spy(self, tokens, positions, caches, texts):
+        for row, (pos, cache, text) in enumerate(zip(positions, caches, texts)):
+            if text is not None:
+                runs = fed.setdefault(id(cache), [])
+                if pos == 0:
+                    runs.append([])
+                runs[-1].append((pos, tokens[row].tolist()))
+        return original(self, tokens, positions, caches, texts)
 
-    monkeypatch.setattr(FastMusicLM, "_step", spy)
+    monkeypatch.setattr(FastMusicLM, "step", spy)
     return fed
 
 
@@ -69,14 +75,15 @@ def test_each_window_reprefills_the_delay_pattern_of_its_prompt(windowed, demo_p
 
     fed = _record_steps(monkeypatch)
     music = windowed.generate(MusicRequest("slow strings", 2.0, seed=2), write=False)
-    windows = []
-    for pos, tokens in fed:
-        if pos == 0:
-            windows.append([])
-        windows[-1].append(tokens)
+    # windows in the order they started (two caches take turns: windows 0, 2, ... and 1, 3, ...)
+    windows = [window for _, window in sorted(((order, run) for runs in fed.values()
+                                                for order, run in enumerate(runs)), key=lambda item: item[0])]
+    for window in windows:
+        assert [pos for pos, _ in window] == list(range(len(window)))  # one position after the other, no gaps
     window, stride = windowed.window_frames, windowed.stride_frames
-    starts = [0] + [stride * i for i in range(1, len(windows))]
+    starts = [stride * i for i in range(len(windows))]
     assert len(windows) == 3 and starts[-1] + window >= music.codes.shape[1]
+    windows = [[tokens for _, tokens in run] for run in windows]
     decoder = MusicgenForConditionalGeneration.from_pretrained(demo_paths.music).decoder
     pad = decoder.config.pad_token_id
     for start, steps in zip(starts, windows):
