@@ -168,3 +168,129 @@ def tileable_musicgen():
     from tests.test_models import small_tileable_musicgen
 
     return small_tileable_musicgen()
+
+
+# -- continuous batching -----------------------------------------------------------------------------------------------
+
+BATCH_REQUESTS = [  # prompt, seconds, seed, sampling: different in every way, one of them crossing windows
+    ("calm piano", 1.6, 1, {}),
+    ("fast drums and bass", 0.8, 2, {"temperature": 0.7, "top_k": 0, "top_p": 0.9}),
+    ("ambient pads", 1.2, 3, {"guidance_scale": 1.0}),  # no guidance: one row instead of two
+    ("jazz trio", 0.6, 4, {"top_k": 20, "guidance_scale": 5.0}),
+]
+
+
+def _solo_and_batched(lm, processor, cancel_index: int | None = None):
+    from pipeline.music import Sampling
+    from pipeline.music.engine import Engine
+
+    def inputs(prompt):
+        encoded = processor(text=[prompt], return_tensors="pt")
+        return encoded["input_ids"], encoded["attention_mask"]
+
+    window, stride = 50, 30
+    solo = [torch.cat(list(lm.frames(*inputs(p), round(s * 50), seed=seed, sampling=Sampling(**kw),
+                                     window=window, stride=stride)), dim=-1)
+            for p, s, seed, kw in BATCH_REQUESTS]
+    engine = Engine(lm, max_batch=3)  # the fourth waits in line until one leaves
+    cancels = [threading.Event() for _ in BATCH_REQUESTS]
+    streams, got = [], [[] for _ in BATCH_REQUESTS]
+    for i, (p, s, seed, kw) in enumerate(BATCH_REQUESTS):
+        streams.append(engine.frames(*inputs(p), round(s * 50), seed=seed, sampling=Sampling(**kw),
+                                     cancel=cancels[i], window=window, stride=stride))
+        got[i].append(next(streams[i]))  # each joins while the ones before it are running, at another step
+        if i == cancel_index:
+            cancels[i].set()
+    outcome = []
+    for i, stream in enumerate(streams):
+        try:
+            got[i].extend(stream)
+            outcome.append(torch.cat(got[i], dim=-1))
+        except Cancelled:
+            outcome.append(None)
+    return solo, outcome, engine
+
+
+def test_batched_requests_equal_their_solo_runs(demo_paths, cache_dir):
+    from transformers import AutoProcessor, MusicgenForConditionalGeneration
+
+    from pipeline.music.lm import FastMusicLM
+
+    model = MusicgenForConditionalGeneration.from_pretrained(demo_paths.music).eval()
+    lm = FastMusicLM(model, weights="int5", cache_dir=str(cache_dir))
+    solo, batched, engine = _solo_and_batched(lm, AutoProcessor.from_pretrained(demo_paths.music))
+    for i, (alone, together) in enumerate(zip(solo, batched)):
+        assert torch.equal(alone, together), BATCH_REQUESTS[i]
+    # they shared steps: far fewer than one after the other
+    assert engine.status().running == 0 and engine.steps < 0.6 * sum(s.shape[-1] for s in solo)
+
+
+def test_cancelling_one_batch_member_leaves_the_others_untouched(demo_paths, cache_dir):
+    from transformers import AutoProcessor, MusicgenForConditionalGeneration
+
+    from pipeline.music.lm import FastMusicLM
+
+    model = MusicgenForConditionalGeneration.from_pretrained(demo_paths.music).eval()
+    lm = FastMusicLM(model, weights="int5", cache_dir=str(cache_dir))
+    solo, batched, _ = _solo_and_batched(lm, AutoProcessor.from_pretrained(demo_paths.music), cancel_index=1)
+    assert batched[1] is None
+    for i in (0, 2, 3):
+        assert torch.equal(solo[i], batched[i]), BATCH_REQUESTS[i]
+
+
+def test_the_fused_c_path_is_batch_invariant(tileable_musicgen, cache_dir, demo_paths):
+    from transformers import AutoProcessor
+
+    from pipeline.music.lm import FastMusicLM
+
+    lm = FastMusicLM(copy.deepcopy(tileable_musicgen), weights="int5", cache_dir=str(cache_dir))
+    if not lm.fused:
+        pytest.skip("no native kernel on this machine")
+    solo, batched, _ = _solo_and_batched(lm, AutoProcessor.from_pretrained(demo_paths.music))
+    for i, (alone, together) in enumerate(zip(solo, batched)):
+        assert torch.equal(alone, together), BATCH_REQUESTS[i]
+
+
+def test_concurrent_streams_through_the_generator_equal_their_solo_audio(windowed, demo_paths, cache_dir):
+    """Listeners in their own threads; model work on one runner thread, as the app's compute thread does it."""
+    import queue as queue_module
+
+    from pipeline.music import MusicRequest, Sampling
+    from pipeline.music.generator import MusicGenerator
+
+    requests = [MusicRequest(p, s, seed=seed, sampling=Sampling(**kw)) for p, s, seed, kw in BATCH_REQUESTS[:3]]
+    solo = [windowed.generate(r, write=False).samples for r in requests]
+    jobs: queue_module.SimpleQueue = queue_module.SimpleQueue()
+
+    def compute_thread():
+        while True:
+            fn, done = jobs.get()
+            try:
+                done.put((True, fn()))
+            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+                done.put((False, exc))
+
+    def runner(fn):
+        done: queue_module.SimpleQueue = queue_module.SimpleQueue()
+        jobs.put((fn, done))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    threading.Thread(target=compute_thread, daemon=True).start()
+    batched = MusicGenerator.load(demo_paths.music, cache_dir=str(cache_dir), window_s=WINDOW_S,
+                                  extend_stride_s=STRIDE_S, first_chunk_s=0.5, stream_chunk_s=0.5)
+    batched.serve_batched(max_batch=4, runner=runner)
+    results = [None] * len(requests)
+
+    def listen(i):
+        results[i] = np.concatenate([c.samples for c in batched.stream(requests[i])])
+
+    threads = [threading.Thread(target=listen, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    for alone, together in zip(solo, results):
+        assert together is not None and np.array_equal(alone, together)

@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -83,6 +83,10 @@ class GeneratedMusic:
         return self.compute_s / self.duration_s if self.duration_s else math.inf
 
 
+def _inline(fn):
+    return fn()
+
+
 def bake_weight_norm(module: torch.nn.Module) -> None:
     """Fold EnCodec's weight-norm parametrisations into plain weights: same output, no per-call recompute."""
     from torch.nn.utils import parametrize
@@ -130,6 +134,20 @@ class MusicGenerator:
         else:
             self.lm = None
             self.weights = "fp32"
+        self.engine = None  # see `serve_batched`
+        self._run = _inline
+
+    def serve_batched(self, max_batch: int, runner: Callable | None = None) -> None:
+        """Decode concurrent requests together (`engine.Engine`, continuous batching) from now on. `runner(fn)`
+        runs model work where it must run (the app's compute thread); `stream()` and `generate()` are then called
+        from the requests' own threads, which only wait and normalise audio, and hand every model call (batched
+        decode steps, codec) to the runner."""
+        if self.lm is None:
+            return  # the reference backend runs one request at a time
+        from .engine import Engine
+
+        self._run = runner or _inline
+        self.engine = Engine(self.lm, max_batch=max_batch, runner=self._run)
 
     @classmethod
     def load(cls, path: Path, *, dtype=None, **options) -> "MusicGenerator":
@@ -177,8 +195,9 @@ class MusicGenerator:
         n = self.n_frames(request.duration_s)
         prefix = request.continue_from.codes if request.continue_from is not None else None
         if self.lm is not None:
-            yield from self.lm.frames(ids, mask, n, seed=request.seed, sampling=request.sampling, cancel=cancel,
-                                      prefix=prefix, window=self.window_frames, stride=self.stride_frames)
+            decode = self.engine.frames if self.engine is not None else self.lm.frames
+            yield from decode(ids, mask, n, seed=request.seed, sampling=request.sampling, cancel=cancel, prefix=prefix,
+                              window=self.window_frames, stride=self.stride_frames)
         elif prefix is not None:
             raise InputError("Continuing a clip needs the fast music backend.")
         else:
@@ -307,7 +326,7 @@ class MusicGenerator:
             tail = torch.cat([tail, codes.cpu()], dim=-1)[:, -context:]
             audio = self._decode(decoders, codes, final=False)
             if final:  # the state a continuation resumes from: all frames in, the clip's end not yet decoded
-                resume = tuple(decoder.snapshot() for decoder in decoders)
+                resume = self._run(lambda: tuple(decoder.snapshot() for decoder in decoders))
                 audio = np.concatenate([audio, self._decode(decoders, codes[:, :0], final=True)], axis=0)
             if skip:
                 audio, skip = audio[skip:], max(0, skip - audio.shape[0])
@@ -332,6 +351,9 @@ class MusicGenerator:
                 index += 1
 
     def _decode(self, decoders: list[StreamingCodec], codes: torch.Tensor, final: bool) -> np.ndarray:
+        return self._run(lambda: self._decode_here(decoders, codes, final))
+
+    def _decode_here(self, decoders: list[StreamingCodec], codes: torch.Tensor, final: bool) -> np.ndarray:
         parts = [dec.push(codes[c::self.channels] if self.channels == 2 else codes, final=final)
                  for c, dec in enumerate(decoders)]
         audio = torch.stack([p[0, 0] for p in parts], dim=-1) if self.channels == 2 else parts[0][0, 0]
