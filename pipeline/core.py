@@ -135,6 +135,7 @@ class Pipeline:
         self._cache = _AnalysisCache(self.settings.analyze_cache_size, int(self.settings.analyze_cache_mb * 1e6))
         self.durations = DurationLimits(self.settings.min_duration_s, self.settings.max_duration_s)
         self._clips = _RecentClips(CLIPS_KEPT)
+        self._batching_lock = threading.Lock()
 
     # -- loading --------------------------------------------------------------------------------------------------
     def start(self) -> "Pipeline":
@@ -305,9 +306,12 @@ class Pipeline:
                  write: bool = True, continue_from: str | None = None, **sampling):
         """The whole clip (`GeneratedMusic`; its `clip_id` can be extended later)."""
         request, _ = self.music_request(prompt, duration_s, seed, continue_from=continue_from, **sampling)
-        generator = self._get(MUSIC)
+        generator = self._music()
         self._prune_audio()
-        music = self._compute.run(generator.generate, request, cancel=cancel, write=write)
+        if generator.engine is not None:  # decoded in the shared batch; model work goes to the compute thread
+            music = generator.generate(request, cancel=cancel, write=write)
+        else:
+            music = self._compute.run(generator.generate, request, cancel=cancel, write=write)
         self._clips.put(music.clip_id, music.continuation)
         return music
 
@@ -317,8 +321,10 @@ class Pipeline:
         last chunk has arrived. `endless=True` streams until `cancel` is set (or `endless_max_s`)."""
         request, _ = self.music_request(prompt, duration_s, seed, endless=endless, continue_from=continue_from,
                                         **sampling)
-        generator = self._get(MUSIC)
+        generator = self._music()
         self._prune_audio()
+        if generator.engine is not None:  # decoded in the shared batch, step by step on the compute thread
+            return self._remember_clip(generator.stream(request, cancel=cancel))
         # chunk by chunk on the compute thread: an Analyze from another visitor can run between two chunks
         return self._remember_clip(self._compute.iterate(generator.stream(request, cancel=cancel)))
 
@@ -328,6 +334,26 @@ class Pipeline:
         ended, without a seam; a new `prompt` moves it towards another mood (None = the clip's own prompt).
         The chunks carry a new clip_id, which can be extended in turn."""
         return self.stream(prompt, seconds, seed, cancel=cancel, endless=endless, continue_from=clip_id, **sampling)
+
+    def music_queue(self):
+        """How busy the music engine is: `EngineStatus(running, waiting, max_batch)` — requests decoding together
+        now, requests in line for a place (the UI shows a newcomer its place: waiting + 1 when running ==
+        max_batch) — or None while the model loads or where requests run one at a time (reference backend)."""
+        try:
+            generator = self._get(MUSIC, 0.0)
+        except UserFacingError:
+            return None
+        engine = self._batched(generator).engine
+        return engine.status() if engine is not None else None
+
+    def _music(self):
+        return self._batched(self._get(MUSIC))
+
+    def _batched(self, generator):
+        with self._batching_lock:
+            if generator.engine is None and self.settings.max_batch > 0:
+                generator.serve_batched(self.settings.max_batch, self._compute.run)
+        return generator
 
     def _remember_clip(self, chunks: Iterator) -> Iterator:
         try:

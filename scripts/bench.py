@@ -3,6 +3,7 @@ same process against a baseline, since shared machines are noisy.
 
     python scripts/bench.py music --seconds 5 --json     # MusicGen-small: plain transformers vs the project
     python scripts/bench.py long --seconds 180 --json    # minutes of music: window after window, as a listener hears it
+    python scripts/bench.py batch --seconds 10 --json    # many listeners at once: throughput, stalls, batch invariance
     python scripts/bench.py analyze --json               # caption, mood, recommendations, Analyze end to end
     python scripts/bench.py catalog --json               # 1.2M-track feature and 100k-passage lyric catalogs
     python scripts/bench.py pipeline --json              # every model loaded: streamed music RTF, Analyze
@@ -275,6 +276,96 @@ def bench_long(args) -> dict:
     if 1 in rss and last_minute and last_minute > 1:
         result["rss_growth"] = round((rss[last_minute] - rss[1]) / rss[1], 4)
     return result
+
+
+def bench_batch(args) -> dict:
+    """Many listeners at once (continuous batching): audio produced per wall second with 1, 2 and 4 concurrent
+    requests, two concurrent streams played in real time, a request joining three running ones, and every request's
+    codes against its solo run."""
+    import torch
+
+    from pipeline.compute import compute_thread
+    from pipeline.music import MusicRequest, Sampling
+
+    quiet_libraries()
+    generator = _real_size_generator(args)
+    generator.serve_batched(max_batch=4, runner=compute_thread().run)  # as the app runs it
+    seconds = args.seconds
+    requests = [MusicRequest(prompt, seconds, seed=seed, sampling=Sampling(**sampling)) for prompt, seed, sampling in (
+        ("upbeat electronic track with punchy drums, 124 BPM", 1, {}),
+        ("calm piano over soft rain", 2, {"temperature": 0.8}),
+        ("cinematic strings, slow build", 3, {"top_k": 0, "top_p": 0.9}),
+        ("lo-fi hip hop beat with warm bass", 4, {"guidance_scale": 4.0}))]
+    list(generator.stream(MusicRequest("warm-up", 0.5, seed=0)))
+
+    def concurrent(batch: list[MusicRequest]) -> tuple[float, list]:
+        results = [None] * len(batch)
+
+        def run(i):
+            results[i] = generator.generate(batch[i], write=False)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batch))]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - started, results
+
+    solo = []
+    solo_s = []
+    for request in requests:
+        wall, (music,) = concurrent([request])
+        solo.append(music.codes)
+        solo_s.append(wall)
+    throughput_1 = seconds / statistics.median(solo_s)
+    wall_2, two = concurrent(requests[:2])
+    wall_4, four = concurrent(requests)
+    identical = all(np.array_equal(m.codes, solo[i]) for i, m in enumerate(two)) and \
+        all(np.array_equal(m.codes, solo[i]) for i, m in enumerate(four))
+
+    # two listeners streaming at once, each played in real time from its first chunk
+    arrivals: list[list] = [[], []]
+
+    def listen(i):
+        started = time.perf_counter()
+        for chunk in generator.stream(requests[i]):
+            arrivals[i].append((time.perf_counter() - started, chunk.samples.shape[0] / chunk.sample_rate))
+
+    threads = [threading.Thread(target=listen, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    plays = [playback(a) for a in arrivals]
+
+    # a fourth request joining three running ones: how soon its first chunk comes
+    running = [threading.Thread(target=lambda r=r: list(generator.stream(r))) for r in requests[:3]]
+    for t in running:
+        t.start()
+    while generator.engine.status().running < 3:
+        time.sleep(0.01)
+    time.sleep(1.0)  # well inside their decode
+    started = time.perf_counter()
+    joining = next(iter(generator.stream(MusicRequest("a late listener", 2.0, seed=9))))
+    first_chunk_joining = time.perf_counter() - started
+    for t in running:
+        t.join()
+    del joining
+    return {
+        "benchmark": "batch", "device": args.device, "model": "musicgen-small architecture, random weights",
+        "seconds": seconds, "weights": generator.weights, "max_batch": generator.engine.max_batch,
+        "solo_s": round(statistics.median(solo_s), 3), "solo_rtf": round(statistics.median(solo_s) / seconds, 3),
+        "throughput_ratio_2": round(2 * seconds / wall_2 / throughput_1, 3),
+        "throughput_ratio_4": round(4 * seconds / wall_4 / throughput_1, 3),
+        "wall_2_s": round(wall_2, 3), "wall_4_s": round(wall_4, 3),
+        "stream_rtf_2": round(max(a[-1][0] / sum(s for _, s in a) for a in arrivals), 3),
+        "stream_2_stalls": sum(p["stalls"] for p in plays),
+        "stream_2_max_stall_s": max(p["max_stall_s"] for p in plays),
+        "first_chunk_joining_s": round(first_chunk_joining, 3),
+        "tokens_identical": bool(identical),
+        "threads": torch.get_num_threads(),
+    }
 
 
 # -- analyze ---------------------------------------------------------------------------------------------------------
@@ -615,7 +706,7 @@ def bench_pipeline(args) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("music", "long", "analyze", "catalog", "pipeline", "app"))
+    parser.add_argument("what", choices=("music", "long", "batch", "analyze", "catalog", "pipeline", "app"))
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--seconds", type=float, default=5.0, help="music: clip length")
@@ -634,7 +725,7 @@ def main(argv=None) -> dict:
 
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no GPU here")
-    result = {"music": bench_music, "long": bench_long, "analyze": bench_analyze, "catalog": bench_catalog,
+    result = {"music": bench_music, "long": bench_long, "batch": bench_batch, "analyze": bench_analyze, "catalog": bench_catalog,
               "pipeline": bench_pipeline,
               "app": bench_app}[args.what](args)
     result["cpu_count"] = os.cpu_count()
