@@ -294,3 +294,34 @@ def test_concurrent_streams_through_the_generator_equal_their_solo_audio(windowe
         t.join(600)
     for alone, together in zip(solo, results):
         assert together is not None and np.array_equal(alone, together)
+
+
+@pytest.mark.parametrize("path", ["pytorch", "fused"])
+def test_a_prompt_prefilled_many_positions_a_step_gives_the_same_codes(path, demo_paths, cache_dir,
+                                                                         tileable_musicgen):
+    """A continuation's first window feeds its prompt several columns per step; rows that share a cache see each
+    other's positions, so the codes equal feeding one column per step."""
+    from transformers import AutoProcessor, MusicgenForConditionalGeneration
+
+    from pipeline.music import Sampling
+    from pipeline.music.lm import FastMusicLM
+
+    model = (MusicgenForConditionalGeneration.from_pretrained(demo_paths.music).eval() if path == "pytorch"
+             else copy.deepcopy(tileable_musicgen))
+    lm = FastMusicLM(model, weights="int5", cache_dir=str(cache_dir))
+    if path == "fused" and not lm.fused:
+        pytest.skip("no native kernel on this machine")
+    inputs = AutoProcessor.from_pretrained(demo_paths.music)(text=["a slow waltz"], return_tensors="pt")
+    prefix = torch.randint(0, 64, (4, 40), generator=torch.Generator().manual_seed(5))
+    runs = []
+    for columns in (1, 7, 32):
+        state = lm.decode(inputs["input_ids"], inputs["attention_mask"], 45, seed=3, sampling=Sampling(),
+                          prefix=prefix, window=50, stride=30)
+        blocks, steps = [], 0
+        while not state.done:
+            blocks += state.advance(lm.step(*state.rows(columns)))
+            steps += 1
+        runs.append((torch.cat(blocks, dim=-1), steps))
+    assert runs[0][0].shape == (4, 45)
+    assert all(torch.equal(codes, runs[0][0]) for codes, _ in runs)
+    assert runs[2][1] < runs[0][1] - 15  # and the prompt took fewer steps

@@ -25,10 +25,11 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import Cancelled
-from .lm import Decode, FastMusicLM
+from .lm import PREFILL_COLUMNS, Decode, FastMusicLM
 from .request import Sampling
 
 _END = object()
+PREFILL_COLUMNS_SHARED = 4
 
 
 @dataclass(eq=False)
@@ -129,8 +130,11 @@ class Engine:
         if not active:
             return
         tokens, positions, caches, texts, sizes = [], [], [], [], []
+        # a continuation prefills its prompt several positions a step; with others in the batch only a few, so
+        # that their steps stay short
+        columns = PREFILL_COLUMNS if len(active) == 1 else PREFILL_COLUMNS_SHARED
         for job in active:
-            t, p, c, x = job.decode.rows()
+            t, p, c, x = job.decode.rows(columns)
             tokens.append(t)
             positions += p
             caches += c

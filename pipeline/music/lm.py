@@ -194,11 +194,13 @@ class FastMusicLM:
         for index, layer in enumerate(self.layers):
             y = F.layer_norm(x, *layer.ln1)
             q, k, v = layer.qkv(y).view(b, 3, h, d).unbind(1)
-            rows = []
-            for r, (cache, pos) in enumerate(zip(caches, positions)):
+            for r, (cache, pos) in enumerate(zip(caches, positions)):  # all writes first: rows may share a cache
                 k_cache, v_cache = cache.layers[index]
                 k_cache[:, pos] = k[r]
                 v_cache[:, pos] = v[r]
+            rows = []
+            for cache, pos, r in zip(caches, positions, range(b)):
+                k_cache, v_cache = cache.layers[index]
                 rows.append(F.scaled_dot_product_attention(q[r].view(1, h, 1, d).to(self.cache_dtype),
                                                            k_cache[None, :, : pos + 1], v_cache[None, :, : pos + 1]))
             x = x + layer.out(torch.cat(rows).to(self.dtype).reshape(b, h * d))
@@ -293,6 +295,11 @@ class TorchText:
         self.mask = mask
 
 
+# prompt columns one step may prefill: the rows cost compute, not bandwidth, so a few dozen make a continuation's
+# first window start several times sooner than one column a step
+PREFILL_COLUMNS = 32
+
+
 class _Window:
     """One window of a request: its codes (prompt frames first), the caches of its rows and how far it has got.
 
@@ -363,11 +370,6 @@ class Decode:
     def done(self) -> bool:
         return self.produced >= self.n_frames
 
-    @property
-    def rows_needed(self) -> int:
-        """How many rows the next step will have (2 per window being fed with guidance, else 1)."""
-        return len(self.texts) * (1 + (self._shadow_column() is not None))
-
     def _column(self, codes: torch.Tensor, column: int, offset: int = 0) -> torch.Tensor:
         """Column `column` of the delay pattern of window codes `codes[:, offset:]` (padding outside them)."""
         frames = column - 1 - self._delay_index
@@ -396,12 +398,16 @@ class Decode:
             return None
         return column
 
-    def rows(self) -> tuple[torch.Tensor, list[int], list, list]:
-        """This step's rows: (tokens (R, K), positions, caches, texts)."""
+    def rows(self, prefill_columns: int = PREFILL_COLUMNS) -> tuple[torch.Tensor, list[int], list, list]:
+        """This step's rows: (tokens (R, K), positions, caches, texts). A window whose prompt is not yet in its
+        cache (the first window of a continuation) feeds up to `prefill_columns` prompt columns at once."""
         cur = self.current
-        tokens = [self._column(cur.codes, cur.column)]
-        positions, caches, texts = [cur.column], list(cur.caches), list(self.texts)
-        self._pending = [("current", len(self.texts))]
+        count = max(1, min(prefill_columns, cur.prompt - cur.column)) if cur.column < cur.prompt else 1
+        tokens = [self._column(cur.codes, cur.column + i) for i in range(count)]
+        positions = [cur.column + i for i in range(count)]
+        caches = [cache for _ in range(count) for cache in cur.caches]
+        texts = [text for _ in range(count) for text in self.texts]
+        self._pending = [("current", count)]
         shadow_column = self._shadow_column()
         if shadow_column is not None:
             tokens.append(self._column(cur.codes, shadow_column, offset=cur.length - self.shadow.prompt))
@@ -420,7 +426,7 @@ class Decode:
         if any(kind == "shadow" for kind, _ in self._pending):
             self.shadow.column += 1
         if cur.column < cur.prompt:  # prefilling the current window: nothing to sample
-            cur.column += 1
+            cur.column += self._pending[0][1]
             return blocks
         rows = logits[: len(self.texts)]
         guided = self.sampling.guided

@@ -465,6 +465,8 @@ static int mg_layer(float* x, int B, int D, int H, int F, const layer_t* L, int 
     /* self-attention */
     for (int b = 0; b < B; b++) layer_norm(x + (size_t)b * D, y + (size_t)b * D, D, norms[0], norms[1], eps);
     status |= matmul(y, B, D, &weights[0], qkv, 3 * D, NULL, ACT_NONE, threads);
+    /* every row's key and value first, then attention: rows that share a cache (a window's prompt prefilled
+       several positions at a time) see each other's positions below their own */
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int bh = 0; bh < B * H; bh++) {
         const int b = bh / H, h = bh % H;
@@ -476,8 +478,15 @@ static int mg_layer(float* x, int B, int D, int H, int F, const layer_t* L, int 
         c->ks[row + pos] = quantize_vector(q + D, key, dh);
         for (int i = 0; i < dh; i++) c->k[row * dh + (size_t)i * tmax + pos] = key[i];  /* keys transposed */
         c->vs[row + pos] = quantize_vector(q + 2 * D, c->v + (row + pos) * dh, dh);
-        attend_cache(q, c->k + row * dh, c->v + row * dh, c->ks + row, c->vs + row, pos + 1, tmax, dh,
-                     scores + (size_t)omp_get_thread_num() * span, attn + (size_t)b * D + h * dh);
+    }
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int bh = 0; bh < B * H; bh++) {
+        const int b = bh / H, h = bh % H;
+        const cache_t* c = &R->cache[b][l];
+        const int tmax = R->tmax[b], pos = R->pos[b];
+        const size_t row = (size_t)h * tmax;
+        attend_cache(qkv + (size_t)b * 3 * D + h * dh, c->k + row * dh, c->v + row * dh, c->ks + row, c->vs + row,
+                     pos + 1, tmax, dh, scores + (size_t)omp_get_thread_num() * span, attn + (size_t)b * D + h * dh);
     }
     status |= matmul(attn, B, D, &weights[1], x, D, x, ACT_NONE, threads);
 
