@@ -211,6 +211,52 @@ static inline __attribute__((always_inline)) void row(
 #endif
 }
 
+#if ISA == 2
+/* Up to four activation rows against one weight row: the weights are unpacked once for all of them (a batch of
+   listeners costs one unpacking per four rows, not per two). Each row keeps its own accumulators and order of
+   operations, so its result does not depend on which rows share the call. */
+static inline __attribute__((always_inline)) void rows4(
+        const uint8_t* wr, const uint8_t* hr, const uint16_t* dr, const uint16_t* mr, int bits, int nr,
+        const int8_t* const* x, const float* const* sc, const float* const* of, int K, float* y) {
+    const int ns = K / SB;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i sixteen = _mm512_set1_epi8(16);
+    __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int s = 0; s < ns; s++) {
+        const uint8_t* wb = wr + s * (SB / 2);
+        const uint8_t* hb = hr + s * 64;
+        for (int p = 0; p < 256; p += 64) _mm_prefetch((const char*)(wb + PREFETCH + p), _MM_HINT_T0);
+        if (bits == 5) _mm_prefetch((const char*)(hb + PREFETCH / 4), _MM_HINT_T0);
+        __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                        _mm512_setzero_si512()};
+        for (int i = 0; i < 4; i++) {
+            const __m512i b = _mm512_loadu_si512((const void*)(wb + 64 * i));
+            __m512i lo = _mm512_and_si512(b, low);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+            if (bits == 5) {
+                uint64_t bits_lo, bits_hi;
+                memcpy(&bits_lo, hb + 8 * i, 8);
+                memcpy(&bits_hi, hb + 8 * (i + 4), 8);
+                lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi8(_cvtu64_mask64(bits_lo), sixteen));
+                hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(_cvtu64_mask64(bits_hi), sixteen));
+            }
+            for (int r = 0; r < nr; r++) {
+                const int8_t* xb = x[r] + s * SB;
+                a[r] = _mm512_dpbusd_epi32(a[r], lo, _mm512_loadu_si512((const void*)(xb + 64 * i)));
+                a[r] = _mm512_dpbusd_epi32(a[r], hi, _mm512_loadu_si512((const void*)(xb + 64 * (i + 4))));
+            }
+        }
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dr + s * 16)));
+        const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mr + s * 16)));
+        for (int r = 0; r < nr; r++) {
+            f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r]), _mm512_mul_ps(dv, _mm512_loadu_ps(sc[r] + s * 16)), f[r]);
+            f[r] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(of[r] + s * 16), f[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) y[r] = _mm512_reduce_add_ps(f[r]);
+}
+#endif
+
 typedef struct {
     const uint8_t* w;    /* nibbles (N, K/2) */
     const uint8_t* hb;   /* fifth-bit planes (N, K/8), NULL for 4 bits */
@@ -237,6 +283,37 @@ static int matmul(const float* x, int M, int K, const packed_t* W, float* y, int
         const uint8_t* hr = W->hb ? W->hb + (size_t)n * (K / 8) : NULL;
         const uint16_t* dr = W->d + (size_t)n * ng;
         const uint16_t* mr = W->mn + (size_t)n * ng;
+#if ISA == 2
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            const int nr = M - m0 < 4 ? M - m0 : 4;
+            const int8_t* xr[4];
+            const float* sr[4];
+            const float* orr[4];
+            for (int r = 0; r < nr; r++) {
+                xr[r] = xq + (size_t)(m0 + r) * K;
+                sr[r] = xs + (size_t)(m0 + r) * ng;
+                orr[r] = xsum + (size_t)(m0 + r) * ng;
+            }
+            float v[4];
+            /* constant row counts and widths, so each combination gets its own unrolled loop */
+            switch (nr * 8 + (hr ? 5 : 4)) {
+                case 12: rows4(wr, hr, dr, mr, 4, 1, xr, sr, orr, K, v); break;
+                case 13: rows4(wr, hr, dr, mr, 5, 1, xr, sr, orr, K, v); break;
+                case 20: rows4(wr, hr, dr, mr, 4, 2, xr, sr, orr, K, v); break;
+                case 21: rows4(wr, hr, dr, mr, 5, 2, xr, sr, orr, K, v); break;
+                case 28: rows4(wr, hr, dr, mr, 4, 3, xr, sr, orr, K, v); break;
+                case 29: rows4(wr, hr, dr, mr, 5, 3, xr, sr, orr, K, v); break;
+                case 36: rows4(wr, hr, dr, mr, 4, 4, xr, sr, orr, K, v); break;
+                default: rows4(wr, hr, dr, mr, 5, 4, xr, sr, orr, K, v); break;
+            }
+            for (int r = 0; r < nr; r++) {
+                float value = v[r];
+                if (act == ACT_GELU) value = gelu(value);
+                const size_t at = (size_t)(m0 + r) * N + n;
+                y[at] = add ? add[at] + value : value;
+            }
+        }
+#else
         for (int m0 = 0; m0 < M; m0 += 2) {
             const int two = m0 + 1 < M;
             const int8_t* x0 = xq + (size_t)m0 * K;
@@ -256,6 +333,7 @@ static int matmul(const float* x, int M, int K, const packed_t* W, float* y, int
                 y[at] = add ? add[at] + v : v;
             }
         }
+#endif
     }
     free(xq); free(xs); free(xsum);
     return 0;
