@@ -107,6 +107,7 @@ class Engine:
                 with self._wake:
                     failed, self._running = self._running, []
                 for job in failed:
+                    job.decode = None
                     job.output.put(exc)
 
     @torch.inference_mode()
