@@ -55,7 +55,7 @@ def fair_app(settings, tmp_path_factory):
     import app as app_module
     from tests.conftest import free_port
 
-    small = settings.replace(generate_concurrency=1, client_max_jobs=2, cache_dir=str(tmp_path_factory.mktemp("c")))
+    small = settings.replace(max_batch=1, client_max_jobs=2, cache_dir=str(tmp_path_factory.mktemp("c")))
     demo = app_module.build_app(small)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
