@@ -623,7 +623,7 @@ def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: S
     private = {"api_visibility": "private"}
     analyze_limits = {"concurrency_limit": settings.analyze_concurrency, "concurrency_id": "analyze", **private}
     # generation handlers wait in the pipeline's fair line (pipeline/fairness.py), which admits
-    # I2M_GENERATE_CONCURRENCY at a time; Gradio only bounds how many may wait there
+    # I2M_MAX_BATCH at a time (the engine decodes them together); Gradio only bounds how many may wait there
     line = {"concurrency_limit": settings.queue_size, "concurrency_id": "generate"}
     generate_limits = {**line, **private}
     instant = {"queue": False, **private}
