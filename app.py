@@ -29,7 +29,7 @@ from gradio.data_classes import FileData
 
 from pipeline.audio import wav_bytes
 from pipeline.core import Pipeline, get_pipeline
-from pipeline.errors import ComponentLoading, ComponentUnavailable, UserFacingError
+from pipeline.errors import Cancelled, ComponentLoading, ComponentUnavailable, UserFacingError
 from pipeline.features import BOUNDS
 from pipeline.mood import MoodResult
 from pipeline.music import Sampling
@@ -232,6 +232,14 @@ def missing_models_banner(statuses, settings: Settings) -> str | None:
             + f"To fix it, {fix} — the status panel at the bottom says what was tried.")
 
 
+def keep_place(ticket) -> None:
+    """Tell the fair line this request is still being read; one whose place was reclaimed (its reader vanished
+    for longer than the lease) stops here."""
+    if ticket.expired:
+        raise Cancelled("This request was dropped: nothing read its music for too long.")
+    ticket.touch()
+
+
 def line_status(position: int) -> str:
     ahead = position - 1
     return (f"⏳ In line for the music engine: {ahead} request{'s' if ahead != 1 else ''} ahead of yours. "
@@ -344,15 +352,16 @@ class Handlers:
             while not ticket.wait(LINE_POLL_S):
                 yield None, gr.update(visible=False, value=None), line_status(ticket.position)
             try:
-                yield from self._stream_to_player(music, note, (prompt, duration_s, seed, temperature, top_k, top_p,
-                                                                guidance))
+                yield from self._stream_to_player(music, note, ticket, (prompt, duration_s, seed, temperature, top_k,
+                                                                        top_p, guidance))
             except (ComponentUnavailable, ComponentLoading) as exc:
                 yield None, gr.update(visible=False, value=None), f"⚠️ {exc}"
 
-    def _stream_to_player(self, music, note, args):
+    def _stream_to_player(self, music, note, ticket, args):
         yield None, gr.update(visible=False, value=None), f"⏳ Starting… seed {music.seed}{note}"
         parts, rate = [], None
         for chunk in self.run_stream(*args):
+            keep_place(ticket)
             parts.append(chunk.samples)
             rate = chunk.sample_rate
             made = chunk.start_s + chunk.samples.shape[0] / chunk.sample_rate
@@ -473,6 +482,7 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
                 yield None
             parts, rate = [], None
             for chunk in _generate_chunks(prompt, duration_s, seed, sampling):
+                keep_place(ticket)
                 parts.append(chunk.samples)
                 rate = chunk.sample_rate
                 yield None

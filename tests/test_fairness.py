@@ -128,3 +128,14 @@ def test_the_client_is_the_address_a_trusted_proxy_saw(forwarded, proxies, expec
     import app as app_module
 
     assert app_module.client_id(_Req(forwarded), proxies) == expected
+
+
+def test_a_place_nobody_touches_is_reclaimed_and_its_holder_told():
+    gate = FairGate(capacity=1, per_client=1, lease_s=0.05)
+    held, waiting = gate.enter("a"), gate.enter("b")
+    time.sleep(0.1)
+    waiting.touch()  # b still polls; a's holder was suspended and never closed
+    assert gate.counts == {"running": 1, "waiting": 0}
+    assert held.expired and not waiting.expired and waiting.wait(0)
+    gate.leave(held)  # a late exit is harmless
+    assert gate.counts == {"running": 1, "waiting": 0}

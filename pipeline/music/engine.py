@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -29,6 +30,9 @@ from .lm import PREFILL_COLUMNS, Decode, FastMusicLM
 from .request import Sampling
 
 _END = object()
+# A consumer that has not taken a block for this long while blocks wait for it is gone (a server that stopped
+# reading from a stream without closing it): its request leaves the batch instead of decoding for nobody.
+STALE_S = 20.0
 PREFILL_COLUMNS_SHARED = 4
 
 
@@ -39,10 +43,12 @@ class _Job:
     output: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     gone: threading.Event = field(default_factory=threading.Event)  # the consumer stopped reading
     decode: Decode | None = None
+    last_read: float = field(default_factory=time.monotonic)
 
     @property
     def stopped(self) -> bool:
-        return self.gone.is_set() or (self.cancel is not None and self.cancel.is_set())
+        abandoned = not self.output.empty() and time.monotonic() - self.last_read > STALE_S
+        return abandoned or self.gone.is_set() or (self.cancel is not None and self.cancel.is_set())
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,7 @@ class Engine:
         try:
             while True:
                 item = job.output.get()
+                job.last_read = time.monotonic()
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
