@@ -61,7 +61,6 @@ RUN_TIMEOUT_S = 900.0  # no single ffmpeg run may hang the request forever
 # Demuxers a visitor's file may be opened with: the containers phones and cameras write, and common audio
 # containers (only so that an audio file is recognised and refused with a clear message).
 _VIDEO_FORMATS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,ogg,wav,mp3,flac,aac"
-_STILL_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "gif", "bmp_pipe")
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+-]+$")  # a path that needs no escaping inside a filter graph
 
 
@@ -288,11 +287,11 @@ def probe(path: str | os.PathLike, *, limits: VideoLimits = VideoLimits(), requi
     fmt = facts.get("format") or {}
     streams = facts.get("streams") or []
     if not fmt or not streams:
+        if _is_picture(path):
+            raise InputError(f"{name} is a still picture, not a video; make a photo video or an album from it.")
         raise InputError(f"{name} could not be read as a video: it is corrupt, truncated or not a video file. "
                          "Try an MP4, MOV, MKV or WebM clip.")
     format_name = fmt.get("format_name", "")
-    if format_name in _STILL_FORMATS:
-        raise InputError(f"{name} is a still picture, not a video; use the photo tools for it.")
     videos = [s for s in streams if s.get("codec_type") == "video"
               and not (s.get("disposition") or {}).get("attached_pic")]  # an MP3's cover art is not a video
     audios = [s for s in streams if s.get("codec_type") == "audio"]
@@ -338,6 +337,15 @@ def probe(path: str | os.PathLike, *, limits: VideoLimits = VideoLimits(), requi
             raise InputError(f"{name} ends early: it declares {duration:.1f} s but its end cannot be decoded. The "
                              "file is probably truncated; upload it again.")
     return info
+
+
+def _is_picture(path: Path) -> bool:
+    """Whether the file opens as a photo (header only; the video demuxers refuse picture formats)."""
+    try:
+        with Image.open(path, formats=("JPEG", "PNG", "WEBP", "GIF")):
+            return True
+    except Exception:  # noqa: BLE001 - anything PIL cannot open is simply not a picture
+        return False
 
 
 def _fit(width: int, height: int, side: int) -> tuple[int, int]:
