@@ -354,6 +354,16 @@ def _fit(width: int, height: int, side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def _clip_box(width: int, height: int, side: int) -> tuple[int, int]:
+    """A clip's size scaled down (never up) into the `side`p box (short side ≤ side, long side ≤ 16/9 of it); the
+    size itself when it already fits."""
+    short, long = min(width, height), max(width, height)
+    scale = min(1.0, side / short, round(side * 16 / 9) / long)
+    if scale == 1.0:
+        return width, height
+    return _even(width * scale), _even(height * scale)
+
+
 def _even(value: float) -> int:
     return max(2, int(round(value / 2)) * 2)
 
@@ -644,8 +654,9 @@ def score_video(video: str | os.PathLike | MediaInfo, audio: AudioSource, out_di
     """The clip with the music as its soundtrack, as an MP4 as long as the clip: the music is cut (with a short
     fade) or padded with silence to fit; the clip's own sound is dropped, or kept 12 dB under the music.
 
-    The picture is copied untouched when it is already H.264 yuv420p within `limits.output_side` (fast, no quality
-    loss), else re-encoded to fit. Metadata (a phone's GPS position, names) is never carried over."""
+    The picture is copied untouched when it is already H.264 yuv420p and fits `limits.output_side`p (1080p: short
+    side ≤ 1080, long side ≤ 1920; fast, no quality loss), else re-encoded to fit. A person's own clip keeps its
+    resolution up to that box, whereas pictures made from photos stay within `output_side` on their long side. Metadata (a phone's GPS position, names) is never carried over."""
     info = video if isinstance(video, MediaInfo) else probe(video, limits=limits)
     notes: list[str] = []
     with _Workspace(out_dir, "scored") as work:
@@ -662,12 +673,12 @@ def score_video(video: str | os.PathLike | MediaInfo, audio: AudioSource, out_di
             graph = f"{music}[a]"
             if keep_original_audio:
                 notes.append("The clip has no sound of its own; the video carries the music only.")
-        copy = (info.video_codec == "h264" and info.pix_fmt == "yuv420p"
-                and max(info.width, info.height) <= limits.output_side)
+        box = _clip_box(info.width, info.height, limits.output_side)
+        copy = info.video_codec == "h264" and info.pix_fmt == "yuv420p" and box == (info.width, info.height)
         if copy:
             picture = ["-c:v", "copy", "-movflags", "+faststart", "-map_metadata", "-1", "-map_chapters", "-1"]
         else:
-            width, height = _fit(info.width, info.height, limits.output_side)
+            width, height = box
             graph += f";[0:v:0]scale={_even(width)}:{_even(height)},setsar=1,format=yuv420p[v]"
             picture = [*_video_args(), "-fpsmax", "60"]
             notes.append(f"The picture was re-encoded to H.264 {_even(width)}×{_even(height)}.")
@@ -747,9 +758,10 @@ def scenes(video: str | os.PathLike | MediaInfo, *, max_scenes: int = 8, analysi
     info = video if isinstance(video, MediaInfo) else probe(video, limits=limits)
     rate = min(ANALYSIS_FPS, MAX_ANALYSIS_SAMPLES / max(info.duration_s, 1e-3))
     scores, step = _cut_scores(info, rate, progress, cancel)
+    padded = np.concatenate([[0.0], scores, [0.0]])
+    peaks = (scores >= CUT_THRESHOLD) & (scores >= padded[:-2]) & (scores >= padded[2:])
     # score i compares sample i with sample i+1: the cut lies between them, so it is placed half-way
-    cuts = [((i + 0.5) * step, float(s)) for i, s in enumerate(scores)
-            if s >= CUT_THRESHOLD and s >= (scores[i - 1] if i else 0) and s >= (scores[i + 1] if i + 1 < len(scores) else 0)]
+    cuts = [((i + 0.5) * step, float(scores[i])) for i in np.flatnonzero(peaks)]
     cuts = [(t, s) for t, s in cuts if 0 < t < info.duration_s]
     cuts = _merge(cuts, info.duration_s, max_scenes)
     edges = [0.0, *(t for t, _ in cuts), info.duration_s]

@@ -330,12 +330,20 @@ def test_a_clip_without_sound_gets_the_music_and_a_note(inputs, tmp_path):
     assert "no sound of its own" in made.notes[0]
 
 
-def test_other_codecs_and_large_pictures_are_re_encoded_to_fit(inputs, tmp_path):
-    made = media.score_video(inputs["mpeg4.avi"], inputs["music.wav"], tmp_path, keep_original_audio=True,
-                             limits=VideoLimits(output_side=160))
+def test_other_codecs_are_re_encoded(inputs, tmp_path):
+    made = media.score_video(inputs["mpeg4.avi"], inputs["music.wav"], tmp_path, keep_original_audio=True)
     video = assert_shareable(made.path, 2.0)
-    assert (video["width"], video["height"]) == (160, 90)
+    assert (video["width"], video["height"]) == (320, 180)
     assert any("re-encoded" in note for note in made.notes)
+
+
+@pytest.mark.parametrize("side, size", [(90, (160, 90)), (72, (128, 72)), (50, (88, 50))])
+def test_clips_keep_their_size_up_to_the_output_box(inputs, tmp_path, side, size):
+    made = media.score_video(inputs["cuts.mp4"], inputs["music.wav"], tmp_path, keep_original_audio=False,
+                             limits=VideoLimits(output_side=side))
+    video = assert_shareable(made.path, 10.0)
+    assert (video["width"], video["height"]) == size
+    assert (video_md5(made.path) == video_md5(inputs["cuts.mp4"])) == (size == (160, 90))
 
 
 # -- refusals ------------------------------------------------------------------------------------------------------
