@@ -149,8 +149,10 @@ def _run(args: list[str], *, cwd: Path, duration_s: float, what: str, progress: 
          cancel: threading.Event | None = None) -> None:
     """Run ffmpeg, reporting progress (0..1) from its `-progress` output and stopping it when `cancel` is set.
     The callback is called on the caller's thread; stderr goes to a file so a chatty run can never block."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()
     command = [_tool("ffmpeg"), "-hide_banner", "-nostdin", "-y", "-v", "error", "-nostats",
-               "-progress", "pipe:1", *args]
+               "-progress", "pipe:1", "-stats_period", "0.2", *args]
     done = [0.0]
 
     def read(stream):
@@ -475,7 +477,7 @@ _MOVES = (
 def _zoompan(frames: int, width: int, height: int, move: int) -> str:
     z0, z1, x0, x1, y0, y1 = _MOVES[move % len(_MOVES)]
     span = max(1, frames - 1)
-    p = f"min(on/{span}\\,1)"
+    p = f"min(on/{span},1)"  # inside quotes: no filter-graph escaping needed
     zoom = f"{z0}+({z1 - z0:.4f})*{p}"
     x = f"(iw-iw/zoom)*({x0}+({x1 - x0:.4f})*{p})"
     y = f"(ih-ih/zoom)*({y0}+({y1 - y0:.4f})*{p})"
@@ -539,7 +541,7 @@ def _overlay(work: Path, width: int, height: int, title: str | None, caption: st
             filters.append(
                 f"drawtext=fontfile={font}:textfile={name}:expansion=none:fontsize={size}:fontcolor=white"
                 f":box=1:boxcolor=black@0.45:boxborderw={max(2, size // 4)}:x=(w-text_w)/2:y={top + number * step}"
-                f":alpha='min(t/0.6\\,1)'")
+                f":alpha='min(t/0.6,1)'")
     return ",".join(filters), []
 
 
@@ -617,7 +619,8 @@ def slideshow(images: Sequence[ImageSource], boundaries_s: Sequence[float], audi
         total = max(len(photos), round(duration * FPS))
         edges = [0, *(round(b * FPS) for b in bounds), total]
         shortest = min(b - a for a, b in zip(edges, edges[1:]))
-        fade = max(0, min(round(MAX_CROSSFADE_S * FPS), int(shortest * 0.4)) // 2 * 2)  # even: half each side
+        # even, so half of it falls on each side of the boundary; MIN_SLIDE_S keeps it at 8 frames or more
+        fade = max(2, min(round(MAX_CROSSFADE_S * FPS), int(shortest * 0.4)) // 2 * 2)
         inputs, chains = [], []
         for k, photo in enumerate(photos):
             _canvas(photo, width, height).save(work.dir / f"photo{k}.png", compress_level=1)
@@ -628,11 +631,8 @@ def slideshow(images: Sequence[ImageSource], boundaries_s: Sequence[float], audi
         label = "s0"
         for k in range(1, len(photos)):
             offset = (edges[k] - fade // 2) / FPS
-            if fade:
-                chains.append(f"[{label}][s{k}]xfade=transition=fade:duration={fade / FPS:.4f}"
-                              f":offset={offset:.4f}[x{k}]")
-            else:
-                chains.append(f"[{label}][s{k}]concat=n=2:v=1:a=0[x{k}]")
+            chains.append(f"[{label}][s{k}]xfade=transition=fade:duration={fade / FPS:.4f}"
+                          f":offset={offset:.4f}[x{k}]")
             label = f"x{k}"
         made = work.dir / "out.mp4"
         _run([*inputs, "-i", f"file:{audio_path.resolve()}", "-filter_complex", ";".join(chains),
@@ -719,15 +719,16 @@ def _cut_scores(info: MediaInfo, rate: float, progress: Progress | None,
     scores: list[float] = []
     previous = None
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + RUN_TIMEOUT_S
+    watchdog = threading.Timer(RUN_TIMEOUT_S, process.kill)  # a decoder stuck on a hostile file ends the read
+    watchdog.start()
     try:
         while True:
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
-            if time.monotonic() > deadline:
-                raise MediaError("Reading the video's scenes took too long and was stopped.")
             raw = process.stdout.read(frame_bytes)
             if len(raw) < frame_bytes:
+                if watchdog.finished.is_set():
+                    raise MediaError("Reading the video's scenes took too long and was stopped.")
                 break
             current = _features(np.frombuffer(raw, dtype=np.uint8).reshape(_THUMB, _THUMB, 3))
             if previous is not None:
@@ -739,6 +740,7 @@ def _cut_scores(info: MediaInfo, rate: float, progress: Progress | None,
             if progress is not None:
                 progress(min(0.95, len(scores) / expected))
     finally:
+        watchdog.cancel()
         if process.poll() is None:
             process.kill()
         process.wait()

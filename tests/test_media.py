@@ -201,6 +201,25 @@ def test_a_cancelled_render_stops_and_leaves_nothing(inputs, tmp_path):
     cancel.set()
     with pytest.raises(Cancelled):
         media.photo_video(inputs["bars.png"], inputs["long-music.wav"], tmp_path, cancel=cancel)
+    with pytest.raises(Cancelled):
+        media.score_video(inputs["cuts.mp4"], inputs["music.wav"], tmp_path, keep_original_audio=True, cancel=cancel)
+    with pytest.raises(Cancelled):
+        media.scenes(inputs["cuts.mp4"], cancel=cancel)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_render_stopped_midway_leaves_nothing(inputs, tmp_path):
+    cancel = threading.Event()
+
+    seen = []
+
+    def stop(fraction: float) -> None:  # the first report comes while ffmpeg runs (12 s of video take longer)
+        seen.append(fraction)
+        cancel.set()
+
+    with pytest.raises(Cancelled):
+        media.photo_video(inputs["bars.png"], inputs["long-music.wav"], tmp_path, progress=stop, cancel=cancel)
+    assert seen and seen[-1] < 1.0
     assert list(tmp_path.iterdir()) == []
 
 
