@@ -85,7 +85,8 @@ class VideoLimits:
 
 @dataclass(frozen=True)
 class MediaInfo:
-    """What ffprobe says about a file. `width`/`height` are as displayed (a phone's rotation applied)."""
+    """What ffprobe says about a file. `width`/`height` are as displayed (a phone's rotation applied);
+    `duration_s` is the picture's length where the container states it (else the file's)."""
 
     path: Path
     format_name: str
@@ -299,7 +300,8 @@ def probe(path: str | os.PathLike, *, limits: VideoLimits = VideoLimits(), requi
     audios = [s for s in streams if s.get("codec_type") == "audio"]
     video = videos[0] if videos else None
     audio = audios[0] if audios else None
-    duration = _number(fmt.get("duration")) or _number((video or audio or {}).get("duration"))
+    # the picture's own length when the container states it: a longer soundtrack must not stretch the clip
+    duration = _number((video or audio or {}).get("duration")) or _number(fmt.get("duration"))
     if video is None:
         if require_video:
             if audio is not None:
@@ -678,7 +680,7 @@ def score_video(video: str | os.PathLike | MediaInfo, audio: AudioSource, out_di
         if copy:
             picture = ["-c:v", "copy", "-movflags", "+faststart", "-map_metadata", "-1", "-map_chapters", "-1"]
         else:
-            width, height = box
+            width, height = _even(box[0]), _even(box[1])  # yuv420p needs even sides
             graph += f";[0:v:0]scale={_even(width)}:{_even(height)},setsar=1,format=yuv420p[v]"
             picture = [*_video_args(), "-fpsmax", "60"]
             notes.append(f"The picture was re-encoded to H.264 {_even(width)}×{_even(height)}.")

@@ -78,7 +78,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("media-inputs")
     paths = {name: folder / name for name in (
         "bars.png", "portrait.png", "red.png", "green.png", "blue.png", "cuts.mp4", "silent.mp4", "flash.mp4",
-        "mpeg4.avi", "audio.m4a", "subs.mkv", "unknown.avi", "wide.mp4", "truncated.mp4", "corrupt.mp4")}
+        "mpeg4.avi", "longsound.mp4", "audio.m4a", "subs.mkv", "unknown.avi", "wide.mp4", "truncated.mp4", "corrupt.mp4")}
     ffmpeg("-f", "lavfi", "-i", "smptebars=s=320x180", "-frames:v", "1", str(paths["bars.png"]))
     ffmpeg("-f", "lavfi", "-i", "testsrc2=s=90x160", "-frames:v", "1", str(paths["portrait.png"]))
     for colour, rgb in (("red", (255, 0, 0)), ("green", (0, 255, 0)), ("blue", (0, 0, 255))):
@@ -100,6 +100,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
            "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(paths["flash.mp4"]))
     ffmpeg("-f", "lavfi", "-i", "testsrc2=s=320x180:r=10:d=2", "-f", "lavfi", "-i", "sine=d=2",
            "-c:v", "mpeg4", "-c:a", "pcm_s16le", str(paths["mpeg4.avi"]))
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=s=160x90:r=10:d=3", "-f", "lavfi", "-i", "sine=d=5", "-c:v", "libx264",
+           "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", str(paths["longsound.mp4"]))
     ffmpeg("-f", "lavfi", "-i", "sine=d=2", "-c:a", "aac", str(paths["audio.m4a"]))
     srt = paths["subs.mkv"].with_suffix(".srt")
     srt.write_text("1\n00:00:00,000 --> 00:00:01,000\nhello\n")
@@ -341,6 +343,12 @@ def test_short_music_is_padded_to_the_clip_length(inputs, tmp_path):
     assert_shareable(made.path, 10.0)
     sound = samples_of(made.path)
     assert np.abs(sound[: 3 * 16000]).max() > 0.1 and np.abs(sound[6 * 16000:]).max() < 0.01
+
+
+def test_the_scored_video_lasts_as_long_as_the_picture_not_its_longer_sound(inputs, tmp_path):
+    assert float(facts(inputs["longsound.mp4"])["format"]["duration"]) > 4.9
+    made = media.score_video(inputs["longsound.mp4"], inputs["long-music.wav"], tmp_path, keep_original_audio=True)
+    assert_shareable(made.path, 3.0)
 
 
 def test_a_clip_without_sound_gets_the_music_and_a_note(inputs, tmp_path):
