@@ -39,8 +39,8 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AudioSource", "MediaError", "MediaInfo", "Rendered", "Scene", "VideoLimits", "even_boundaries",
-           "photo_video", "probe", "scenes", "score_video", "slideshow"]
+__all__ = ["AudioSource", "MediaError", "MediaInfo", "Rendered", "Scene", "VideoLimits", "check_album",
+           "even_boundaries", "photo_name", "photo_video", "probe", "scenes", "score_video", "slideshow"]
 
 Progress = Callable[[float], None]
 # A WAV (or any file libsndfile reads) or float samples with their rate: (samples, sample_rate).
@@ -221,6 +221,8 @@ class _Workspace:
 
     def __enter__(self) -> "_Workspace":
         self.dir.mkdir()
+        # a folder with a fresh file in it: the janitor removes empty folders and old files, never this one
+        (self.dir / "in-use").touch()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -577,7 +579,9 @@ def even_boundaries(count: int, duration_s: float) -> list[float]:
     return [duration_s * k / count for k in range(1, count)]
 
 
-def _check_album(images: Sequence, boundaries_s: Sequence[float], duration: float) -> list[float]:
+def check_album(images: Sequence, boundaries_s: Sequence[float], duration: float) -> list[float]:
+    """The change times as floats, or an InputError: 2–10 photos, one time fewer than photos, each photo shown at
+    least MIN_SLIDE_S within `duration`. Cheap: call it before the music is made, to fail fast."""
     count = len(images)
     if not MIN_PHOTOS <= count <= MAX_PHOTOS:
         raise InputError(f"An album needs {MIN_PHOTOS} to {MAX_PHOTOS} photos; {count} were given.")
@@ -591,7 +595,8 @@ def _check_album(images: Sequence, boundaries_s: Sequence[float], duration: floa
     return bounds
 
 
-def _photo_name(source, number: int) -> str:
+def photo_name(source, number: int) -> str:
+    """How a message names the album's photo `number` (1-based): with its file name when it has one."""
     if isinstance(source, (str, os.PathLike)):
         return f"photo {number} ({Path(source).name})"
     return f"photo {number}"
@@ -608,13 +613,13 @@ def slideshow(images: Sequence[ImageSource], boundaries_s: Sequence[float], audi
     blurred copy of themselves. A photo that cannot be read is named in the message."""
     with _Workspace(out_dir, "album") as work:
         audio_path, duration = _audio(audio, work.dir, limits.max_seconds)
-        bounds = _check_album(images, boundaries_s, duration)
+        bounds = check_album(images, boundaries_s, duration)
         photos = []
         for number, source in enumerate(images, 1):
             try:
                 photos.append(_load_photo(source, limits))
             except InputError as exc:
-                raise InputError(f"The album's {_photo_name(source, number)} cannot be used: {exc}") from None
+                raise InputError(f"The album's {photo_name(source, number)} cannot be used: {exc}") from None
         first = photos[0]
         width, height = _output_size(first.width / first.height, limits.output_side,
                                      max(max(p.size) for p in photos), square)
