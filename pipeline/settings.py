@@ -121,7 +121,7 @@ class Settings:
                                    low=64, high=16384)
     video_output_side: int = _setting("I2M_VIDEO_OUTPUT_SIDE", 1080,
                                       "Longest side of the MP4s the app makes (photo videos, albums, re-encoded "
-                                      "clips); 720 makes them about twice as fast on CPU.", low=128, high=1080)
+                                      "clips); 720 makes them about 1.5× faster on CPU.", low=128, high=1080)
     max_k: int = _setting("I2M_MAX_K", 50, "Most songs one recommendation list may ask for.", low=1, high=500)
     # Photos from a link
     url_connect_timeout_s: float = _setting("I2M_URL_CONNECT_TIMEOUT", 3.0,
