@@ -668,8 +668,9 @@ def score_video(video: str | os.PathLike | MediaInfo, audio: AudioSource, out_di
     fade) or padded with silence to fit; the clip's own sound is dropped, or kept 12 dB under the music.
 
     The picture is copied untouched when it is already H.264 yuv420p and fits `limits.output_side`p (1080p: short
-    side ≤ 1080, long side ≤ 1920; fast, no quality loss), else re-encoded to fit. A person's own clip keeps its
-    resolution up to that box, whereas pictures made from photos stay within `output_side` on their long side. Metadata (a phone's GPS position, names) is never carried over."""
+    side ≤ 1080, long side ≤ 1920; fast, no quality loss), else re-encoded to fit: a person's own clip keeps its
+    resolution up to that box, whereas pictures made from photos stay within `output_side` on their long side.
+    Metadata (a phone's GPS position, names) is never carried over."""
     info = video if isinstance(video, MediaInfo) else probe(video, limits=limits)
     notes: list[str] = []
     with _Workspace(out_dir, "scored") as work:
@@ -692,9 +693,9 @@ def score_video(video: str | os.PathLike | MediaInfo, audio: AudioSource, out_di
             picture = ["-c:v", "copy", "-movflags", "+faststart", "-map_metadata", "-1", "-map_chapters", "-1"]
         else:
             width, height = _even(box[0]), _even(box[1])  # yuv420p needs even sides
-            graph += f";[0:v:0]scale={_even(width)}:{_even(height)},setsar=1,format=yuv420p[v]"
+            graph += f";[0:v:0]scale={width}:{height},setsar=1,format=yuv420p[v]"
             picture = [*_video_args(), "-fpsmax", "60"]
-            notes.append(f"The picture was re-encoded to H.264 {_even(width)}×{_even(height)}.")
+            notes.append(f"The picture was re-encoded to H.264 {width}×{height}.")
         made = work.dir / "out.mp4"
         _run([*_input(info.path), "-i", f"file:{audio_path.resolve()}", "-filter_complex", graph,
               "-map", "0:v:0" if copy else "[v]", "-map", "[a]", "-t", f"{length:.6f}", *picture,

@@ -78,7 +78,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("media-inputs")
     paths = {name: folder / name for name in (
         "bars.png", "portrait.png", "red.png", "green.png", "blue.png", "cuts.mp4", "silent.mp4", "flash.mp4",
-        "mpeg4.avi", "longsound.mp4", "audio.m4a", "subs.mkv", "unknown.avi", "wide.mp4", "truncated.mp4", "corrupt.mp4")}
+        "mpeg4.avi", "longsound.mp4", "audio.m4a", "subs.mkv", "unknown.avi", "wide.mp4", "truncated.mp4",
+        "corrupt.mp4")}
     ffmpeg("-f", "lavfi", "-i", "smptebars=s=320x180", "-frames:v", "1", str(paths["bars.png"]))
     ffmpeg("-f", "lavfi", "-i", "testsrc2=s=90x160", "-frames:v", "1", str(paths["portrait.png"]))
     for colour, rgb in (("red", (255, 0, 0)), ("green", (0, 255, 0)), ("blue", (0, 0, 255))):
