@@ -29,7 +29,7 @@ from gradio.data_classes import FileData
 
 from pipeline.audio import wav_bytes
 from pipeline.core import Pipeline, get_pipeline
-from pipeline.errors import UserFacingError
+from pipeline.errors import ComponentLoading, ComponentUnavailable, UserFacingError
 from pipeline.features import BOUNDS
 from pipeline.mood import MoodResult
 from pipeline.music import Sampling
@@ -216,21 +216,38 @@ def limits_markdown(settings: Settings) -> str:
             "public addresses only. Song previews load Spotify only when you ask for them.")
 
 
+def missing_models_banner(statuses, settings: Settings) -> str | None:
+    """One banner for models that could not be loaded (no network, missing files): what is missing, what still
+    works and the fix — instead of an error on every output when a photo is analyzed."""
+    failed = [s.name for s in statuses if s.state == "failed"]
+    if not failed:
+        return None
+    works = [name for name, needs in (("song search by text", {"song catalog", "sentence embedder"}),
+                                      ("songs that match a photo's mood", {"song catalog", "mood model"}),
+                                      ("music", {"music model"})) if not needs & set(failed)]
+    fix = ("run `python app.py --demo` for the offline demo models, or download the checkpoints on a connected "
+           "machine" if not settings.demo else "see the status panel")
+    return (f"⚠️ **Not available right now: {', '.join(failed)}.** "
+            + (f"Still working: {', '.join(works)}. " if works else "")
+            + f"To fix it, {fix} — the status panel at the bottom says what was tried.")
+
+
 def line_status(position: int) -> str:
     ahead = position - 1
     return (f"⏳ In line for the music engine: {ahead} request{'s' if ahead != 1 else ''} ahead of yours. "
             "It starts by itself; keep this page open.")
 
 
-def client_id(request: gr.Request | None) -> str:
-    """Who is asking, for the fair line: the address the Space's proxy saw (the last X-Forwarded-For hop, which a
-    client cannot forge), else the socket's peer."""
+def client_id(request: gr.Request | None, trusted_proxies: int = 1) -> str:
+    """Who is asking, for the fair line. Behind `trusted_proxies` proxies (a Space has one) the client's address is
+    the one the outermost of them appended to X-Forwarded-For — hops further left were written by the client and
+    could be forged; without the header, the socket's peer."""
     if request is None:
         return "local"
     forwarded = (request.headers or {}).get("x-forwarded-for", "")
     hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
-    if hops:
-        return hops[-1]
+    if hops and trusted_proxies > 0:
+        return hops[-min(trusted_proxies, len(hops))]
     return getattr(request.client, "host", None) or "unknown"
 
 
@@ -264,7 +281,11 @@ class Handlers:
         if not image_path:
             raise user_error("Add a photo first: upload one, paste it, use the webcam, or pick an example.")
         progress(0.1, desc="Reading the photo")
-        analysis = self.run_analyze(image_path, genre, extra, k)
+        try:
+            analysis = self.run_analyze(image_path, genre, extra, k)
+        except (ComponentUnavailable, ComponentLoading) as exc:
+            # one clear message where the notes go (the banner says the rest), not an error badge on every output
+            return tuple(gr.skip() for _ in AnalyzeView.FIELDS[:-2]) + (f"⚠️ {exc}", gr.skip())
         result = analysis.to_dict()
         state = {"features": result["features"], "emotion": result["emotion"], "prompt": result["prompt"],
                  "caption": result["caption"], "mood": result,
@@ -318,12 +339,15 @@ class Handlers:
         note = f" (prompt cut to {limit} characters)" if truncated else ""
         if truncated:
             gr.Warning(f"The prompt was cut to {limit} characters.")
-        with self.pipe.music_ticket(client_id(request)) as ticket:
+        with self.pipe.music_ticket(client_id(request, self.settings.trusted_proxies)) as ticket:
             # waiting is a loop of yields: a visitor who leaves the page is dropped from the line at once
             while not ticket.wait(LINE_POLL_S):
                 yield None, gr.update(visible=False, value=None), line_status(ticket.position)
-            yield from self._stream_to_player(music, note, (prompt, duration_s, seed, temperature, top_k, top_p,
-                                                            guidance))
+            try:
+                yield from self._stream_to_player(music, note, (prompt, duration_s, seed, temperature, top_k, top_p,
+                                                                guidance))
+            except (ComponentUnavailable, ComponentLoading) as exc:
+                yield None, gr.update(visible=False, value=None), f"⚠️ {exc}"
 
     def _stream_to_player(self, music, note, args):
         yield None, gr.update(visible=False, value=None), f"⏳ Starting… seed {music.seed}{note}"
@@ -360,8 +384,11 @@ class Handlers:
                 'sandbox="allow-scripts allow-same-origin allow-popups"></iframe>')
 
     def status(self):
-        ready = all(item.state in ("ready", "failed") for item in self.pipe.status())
-        return status_markdown(self.pipe, self.settings), gr.Timer(active=not ready)
+        statuses = self.pipe.status()
+        ready = all(item.state in ("ready", "failed") for item in statuses)
+        banner = missing_models_banner(statuses, self.settings)
+        return (status_markdown(self.pipe, self.settings), gr.Timer(active=not ready),
+                gr.update(value=banner or "", visible=bool(banner)))
 
 
 @dataclass
@@ -441,7 +468,7 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
             gr.Warning(f"The prompt was cut to {settings.max_prompt_chars} characters.")
         # a generator that yields None while it waits and works, so that Gradio can drop it (and free its place
         # and its compute) as soon as the caller disconnects; `predict` returns the final file
-        with pipe.music_ticket(client_id(request)) as ticket:
+        with pipe.music_ticket(client_id(request, settings.trusted_proxies)) as ticket:
             while not ticket.wait(LINE_POLL_S):
                 yield None
             parts, rate = [], None
@@ -510,6 +537,7 @@ def build_layout(pipe: Pipeline, settings: Settings) -> tuple[gr.Blocks, Layout]
         gr.Markdown("⚠️ **Demo mode**: captions and music come from tiny *random-weight* models built offline, so "
                     "they are noise by design. Mood features, song search and the whole interface are real.",
                     elem_id="demo-banner", visible=settings.demo)
+        ui.offline_banner = gr.Markdown(visible=False, elem_id="offline-banner")
         ui.state = gr.State(None)
         ui.selected_song = gr.State(None)
         with gr.Row(equal_height=False):
@@ -595,7 +623,7 @@ def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: S
     private = {"api_visibility": "private"}
     analyze_limits = {"concurrency_limit": settings.analyze_concurrency, "concurrency_id": "analyze", **private}
     # generation handlers wait in the pipeline's fair line (pipeline/fairness.py), which admits
-    # I2M_GENERATE_CONCURRENCY at a time; Gradio only bounds how many may wait there
+    # I2M_MAX_BATCH at a time (the engine decodes them together); Gradio only bounds how many may wait there
     line = {"concurrency_limit": settings.queue_size, "concurrency_id": "generate"}
     generate_limits = {**line, **private}
     instant = {"queue": False, **private}
@@ -628,8 +656,8 @@ def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: S
             table.select(_select_for(handlers, key), [ui.state],
                          [ui.radar, ui.selected_song, ui.spotify_btn], **instant)
         ui.spotify_btn.click(handlers.spotify_player, [ui.selected_song], ui.spotify_html, **instant)
-        ui.timer.tick(handlers.status, None, [ui.footer, ui.timer], **instant)
-        demo.load(handlers.status, None, [ui.footer, ui.timer], **instant)
+        ui.timer.tick(handlers.status, None, [ui.footer, ui.timer, ui.offline_banner], **instant)
+        demo.load(handlers.status, None, [ui.footer, ui.timer, ui.offline_banner], **instant)
 
 
 def _select_for(handlers: Handlers, which: str):

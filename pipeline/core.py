@@ -98,6 +98,36 @@ class _AnalysisCache:
         return self._bytes
 
 
+CLIPS_KEPT = 16  # recent clips that can be extended (each holds a few seconds of codes and a codec state: ~1 MB)
+
+
+class _RecentClips:
+    """Where recent clips ended (`music.generator.Continuation`), by clip id, least recently used dropped first."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, clip_id: str, continuation) -> None:
+        if continuation is None:
+            return
+        with self._lock:
+            self._items[clip_id] = continuation
+            self._items.move_to_end(clip_id)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def get(self, clip_id: str):
+        with self._lock:
+            item = self._items.get(str(clip_id))
+            if item is None:
+                raise InputError("That clip can no longer be extended: the app keeps the last "
+                                 f"{self.size} clips. Generate a new one.")
+            self._items.move_to_end(str(clip_id))
+            return item
+
+
 class Pipeline:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings.from_env()
@@ -105,7 +135,10 @@ class Pipeline:
         self._components = Components(self.settings, self._compute.is_current)
         self._cache = _AnalysisCache(self.settings.analyze_cache_size, int(self.settings.analyze_cache_mb * 1e6))
         self.durations = DurationLimits(self.settings.min_duration_s, self.settings.max_duration_s)
-        self._music_gate = FairGate(self.settings.generate_concurrency, self.settings.client_max_jobs)
+        self._clips = _RecentClips(CLIPS_KEPT)
+        self._batching_lock = threading.Lock()
+        # the fair line admits as many requests as the engine decodes together
+        self._music_gate = FairGate(self.settings.max_batch, self.settings.client_max_jobs)
 
     # -- loading --------------------------------------------------------------------------------------------------
     def start(self) -> "Pipeline":
@@ -271,12 +304,22 @@ class Pipeline:
         return by_features, by_lyrics, fused
 
     # -- music ----------------------------------------------------------------------------------------------------
-    def music_request(self, prompt: str, duration_s=None, seed=0, **sampling) -> tuple[MusicRequest, bool]:
+    def music_request(self, prompt: str | None, duration_s=None, seed=0, *, endless: bool = False,
+                      continue_from: str | None = None, **sampling) -> tuple[MusicRequest, bool]:
         """A checked request and whether the prompt was cut; `sampling` takes `Sampling`'s fields (temperature,
-        top_k, top_p, guidance_scale), missing ones at their defaults."""
+        top_k, top_p, guidance_scale), missing ones at their defaults.
+
+        `endless`: until cancelled, at most `endless_max_s` (duration_s is ignored). `continue_from`: the id of a
+        recent clip (`clip_id` of its chunks or of `generate`'s result) that this one continues; an empty prompt
+        then keeps that clip's prompt."""
+        earlier = self._clips.get(continue_from) if continue_from is not None else None
         text, truncated = self.clean_text(prompt)
-        duration = self.settings.default_duration_s if duration_s is None else duration_s
-        return MusicRequest.checked(text, duration, seed, Sampling.checked(**sampling), self.durations), truncated
+        if not text and earlier is not None:
+            text = earlier.prompt
+        limits = DurationLimits(self.durations.low, self.settings.endless_max_s) if endless else self.durations
+        duration = limits.high if endless else self.settings.default_duration_s if duration_s is None else duration_s
+        request = MusicRequest.checked(text, duration, seed, Sampling.checked(**sampling), limits)
+        return request.replace(continue_from=earlier), truncated
 
     def music_ticket(self, client: str) -> Ticket:
         """A place in the fair line for music (`fairness.py`): hold it in a `with` block around the generation;
@@ -288,20 +331,67 @@ class Pipeline:
         """How many music requests are running and waiting (for the status panel and /status)."""
         return self._music_gate.counts
 
-    def generate(self, prompt: str, duration_s=None, seed=0, *, cancel: threading.Event | None = None,
-                 write: bool = True, **sampling):
-        request, _ = self.music_request(prompt, duration_s, seed, **sampling)
-        generator = self._get(MUSIC)
+    def generate(self, prompt: str | None, duration_s=None, seed=0, *, cancel: threading.Event | None = None,
+                 write: bool = True, continue_from: str | None = None, **sampling):
+        """The whole clip (`GeneratedMusic`; its `clip_id` can be extended later)."""
+        request, _ = self.music_request(prompt, duration_s, seed, continue_from=continue_from, **sampling)
+        generator = self._music()
         self._prune_audio()
-        return self._compute.run(generator.generate, request, cancel=cancel, write=write)
+        if generator.engine is not None:  # decoded in the shared batch; model work goes to the compute thread
+            music = generator.generate(request, cancel=cancel, write=write)
+        else:
+            music = self._compute.run(generator.generate, request, cancel=cancel, write=write)
+        self._clips.put(music.clip_id, music.continuation)
+        return music
 
-    def stream(self, prompt: str, duration_s=None, seed=0, *, cancel: threading.Event | None = None,
-               **sampling) -> Iterator:
-        request, _ = self.music_request(prompt, duration_s, seed, **sampling)
-        generator = self._get(MUSIC)
+    def stream(self, prompt: str | None, duration_s=None, seed=0, *, cancel: threading.Event | None = None,
+               endless: bool = False, continue_from: str | None = None, **sampling) -> Iterator:
+        """`AudioChunk`s as they are made; every chunk carries the clip's `clip_id`, which `extend` takes once the
+        last chunk has arrived. `endless=True` streams until `cancel` is set (or `endless_max_s`)."""
+        request, _ = self.music_request(prompt, duration_s, seed, endless=endless, continue_from=continue_from,
+                                        **sampling)
+        generator = self._music()
         self._prune_audio()
+        if generator.engine is not None:  # decoded in the shared batch, step by step on the compute thread
+            return self._remember_clip(generator.stream(request, cancel=cancel))
         # chunk by chunk on the compute thread: an Analyze from another visitor can run between two chunks
-        return self._compute.iterate(generator.stream(request, cancel=cancel))
+        return self._remember_clip(self._compute.iterate(generator.stream(request, cancel=cancel)))
+
+    def extend(self, clip_id: str, seconds=None, prompt: str | None = None, seed=0, *,
+               cancel: threading.Event | None = None, endless: bool = False, **sampling) -> Iterator:
+        """Continue a recent clip by `seconds` (or endlessly), streamed: the music goes on from where the clip
+        ended, without a seam; a new `prompt` moves it towards another mood (None = the clip's own prompt).
+        The chunks carry a new clip_id, which can be extended in turn."""
+        return self.stream(prompt, seconds, seed, cancel=cancel, endless=endless, continue_from=clip_id, **sampling)
+
+    def music_queue(self):
+        """How busy the music engine is: `EngineStatus(running, waiting, max_batch)` — requests decoding together
+        now, requests in line for a place (the UI shows a newcomer its place: waiting + 1 when running ==
+        max_batch) — or None while the model loads or where requests run one at a time (reference backend)."""
+        try:
+            generator = self._get(MUSIC, 0.0)
+        except UserFacingError:
+            return None
+        engine = self._batched(generator).engine
+        return engine.status() if engine is not None else None
+
+    def _music(self):
+        return self._batched(self._get(MUSIC))
+
+    def _batched(self, generator):
+        with self._batching_lock:
+            if generator.engine is None and self.settings.max_batch > 0:
+                generator.serve_batched(self.settings.max_batch, self._compute.run)
+        return generator
+
+    def _remember_clip(self, chunks: Iterator) -> Iterator:
+        try:
+            for chunk in chunks:
+                if chunk.continuation is not None:
+                    self._clips.put(chunk.clip_id, chunk.continuation)
+                yield chunk
+        finally:
+            chunks.close()
 
     def save_audio(self, parts: Sequence, sample_rate: int) -> Path:
         """Streamed chunks (in order) joined into one WAV file of their own in the audio folder."""

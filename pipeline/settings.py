@@ -93,10 +93,22 @@ class Settings:
     threads: int = _setting("I2M_THREADS", 0, "Torch CPU threads; 0 = all cores.", low=0, high=256)
     # Limits
     min_duration_s: float = _setting("I2M_MIN_DURATION", 1.0, "Shortest clip in seconds.", low=0.5, high=30)
-    max_duration_s: float = _setting("I2M_MAX_DURATION", 30.0, "Longest clip in seconds (MusicGen's limit is ~40).",
-                                     low=1, high=40)
+    max_duration_s: float = _setting("I2M_MAX_DURATION", 300.0,
+                                     "Longest clip in seconds; beyond the model's window the music continues window "
+                                     "by window (I2M_MUSIC_WINDOW, I2M_EXTEND_STRIDE).", low=1, high=3600)
     default_duration_s: float = _setting("I2M_DEFAULT_DURATION", 8.0, "Clip length preselected in the UI.",
-                                         low=1, high=40)
+                                         low=1, high=3600)
+    music_window_s: float = _setting("I2M_MUSIC_WINDOW", 30.0,
+                                     "Seconds of music the model attends to at once (MusicGen was trained on 30; "
+                                     "the model's positions cap it near 40).", low=1, high=40)
+    extend_stride_s: float = _setting("I2M_EXTEND_STRIDE", 18.0,
+                                      "When a window is full, the music moves on by this many seconds; the window's "
+                                      "last (window - stride) seconds prompt the next one (audiocraft's "
+                                      "`extend_stride`).", low=0.5, high=39)
+    endless_max_s: float = _setting("I2M_ENDLESS_MAX", 1800.0,
+                                    "An Endless stream stops by itself after this many seconds.", low=10, high=86400)
+    max_batch: int = _setting("I2M_MAX_BATCH", 4,
+                              "Music requests decoded together in one batch; more wait in line.", low=1, high=64)
     stream_chunk_s: float = _setting("I2M_STREAM_CHUNK", 1.0, "Longest streamed audio chunk in seconds.",
                                      low=0.2, high=5)
     first_chunk_s: float = _setting("I2M_FIRST_CHUNK", 0.5,
@@ -141,11 +153,13 @@ class Settings:
     queue_size: int = _setting("I2M_QUEUE_SIZE", 32,
                                "Requests waiting beyond this are answered 'busy, try again'.", low=1, high=10_000)
     analyze_concurrency: int = _setting("I2M_ANALYZE_CONCURRENCY", 2, "Analyze requests run at once.", low=1, high=64)
-    generate_concurrency: int = _setting("I2M_GENERATE_CONCURRENCY", 1, "Music generations run at once.",
-                                         low=1, high=16)
     client_max_jobs: int = _setting("I2M_CLIENT_MAX_JOBS", 2,
                                     "Music requests one client (address) may have running or waiting at once; "
                                     "more are refused with a message.", low=1, high=1000)
+    trusted_proxies: int = _setting("I2M_TRUSTED_PROXIES", 1,
+                                    "Proxies in front of the app (a Space has 1): the client's address is the one "
+                                    "the outermost appended to X-Forwarded-For; 0 = use the socket's peer.",
+                                    low=0, high=10)
     analyze_cache_size: int = _setting("I2M_ANALYZE_CACHE", 128, "Analyze results kept per image and settings (LRU).",
                                        low=0, high=100_000)
     analyze_cache_mb: float = _setting("I2M_ANALYZE_CACHE_MB", 32.0,
@@ -255,6 +269,9 @@ def _validated(values: dict[str, Any]) -> Settings:
                             "(1-65535).")
     if settings.min_duration_s > settings.max_duration_s:
         raise SettingsError("I2M_MIN_DURATION must not exceed I2M_MAX_DURATION.")
+    if settings.extend_stride_s >= settings.music_window_s:
+        raise SettingsError("I2M_EXTEND_STRIDE must be shorter than I2M_MUSIC_WINDOW (the rest of the window is "
+                            "what the next one continues from).")
     if not settings.min_duration_s <= settings.default_duration_s <= settings.max_duration_s:
         raise SettingsError("I2M_DEFAULT_DURATION must lie between I2M_MIN_DURATION and I2M_MAX_DURATION.")
     return settings

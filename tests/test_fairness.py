@@ -55,7 +55,7 @@ def fair_app(settings, tmp_path_factory):
     import app as app_module
     from tests.conftest import free_port
 
-    small = settings.replace(generate_concurrency=1, client_max_jobs=2, cache_dir=str(tmp_path_factory.mktemp("c")))
+    small = settings.replace(max_batch=1, client_max_jobs=2, cache_dir=str(tmp_path_factory.mktemp("c")))
     demo = app_module.build_app(small)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -108,3 +108,23 @@ def test_a_caller_that_goes_away_loses_its_place_and_its_compute(fair_app):
 
     threading.Thread(target=other, daemon=True).start()
     assert after.wait(120), "the next visitor is served"
+
+
+class _Req:
+    def __init__(self, forwarded=None, peer="10.0.0.9"):
+        self.headers = {"x-forwarded-for": forwarded} if forwarded else {}
+        self.client = type("Peer", (), {"host": peer})()
+
+
+@pytest.mark.parametrize("forwarded, proxies, expected", [
+    (None, 1, "10.0.0.9"),                                  # no proxy header: the socket's peer
+    ("203.0.113.9", 1, "203.0.113.9"),                      # one proxy (a Space)
+    ("6.6.6.6, 203.0.113.9", 1, "203.0.113.9"),             # the client forged a hop: the proxy's entry wins
+    ("6.6.6.6, 203.0.113.9, 198.51.100.1", 2, "203.0.113.9"),  # two proxies: the outermost's entry
+    ("203.0.113.9", 3, "203.0.113.9"),                      # fewer hops than proxies: the leftmost
+    ("6.6.6.6", 0, "10.0.0.9"),                             # no trusted proxy: the header is ignored
+])
+def test_the_client_is_the_address_a_trusted_proxy_saw(forwarded, proxies, expected):
+    import app as app_module
+
+    assert app_module.client_id(_Req(forwarded), proxies) == expected

@@ -305,6 +305,10 @@ def test_the_scalar_and_avx2_paths_agree_with_the_fast_one(cache_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def tileable_musicgen():
+    return small_tileable_musicgen()
+
+
+def small_tileable_musicgen():
     """A small MusicGen whose decoder shapes the native kernel tiles (multiples of 512), so that the fused C
     layer — not the per-op PyTorch path the tiny demo model takes — is what runs."""
     from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration,

@@ -139,7 +139,7 @@ def test_eight_clients_at_once_each_get_their_own_result(live_app, pipeline):
 def test_a_full_queue_answers_busy_instead_of_hanging(settings, tmp_path):
     import app as app_module
 
-    small = settings.replace(queue_size=2, generate_concurrency=1, client_max_jobs=50, cache_dir=str(tmp_path))
+    small = settings.replace(queue_size=2, max_batch=1, client_max_jobs=50, cache_dir=str(tmp_path))
     demo = app_module.build_app(small)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ..errors import InputError
 from ..validate import Range, finite_number
@@ -66,6 +66,8 @@ class MusicRequest:
     duration_s: float
     seed: int = 0
     sampling: Sampling = field(default_factory=Sampling)
+    # a `generator.Continuation`: the clip this one continues (its last codes, codec and loudness states)
+    continue_from: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def checked(cls, prompt: str, duration_s, seed, sampling: Sampling, limits: DurationLimits) -> "MusicRequest":
