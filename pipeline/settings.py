@@ -125,6 +125,17 @@ class Settings:
                                    low=64, high=8192)
     max_upload_mb: float = _setting("I2M_MAX_UPLOAD_MB", 20.0, "Largest accepted upload (or photo from a link) in MB.",
                                     low=0.1, high=500)
+    video_max_s: float = _setting("I2M_VIDEO_MAX_SECONDS", 60.0,
+                                  "Longest video clip accepted for a soundtrack, in seconds; also the longest "
+                                  "audio a shared photo video or album may carry.", low=1, high=600)
+    video_max_side: int = _setting("I2M_VIDEO_MAX_SIDE", 8192,
+                                   "Videos wider or taller than this many pixels are refused before decoding.",
+                                   low=64, high=16384)
+    video_output_side: int = _setting("I2M_VIDEO_OUTPUT_SIDE", 1080,
+                                      "Size of the MP4s the app makes: photo videos and albums at most this on "
+                                      "their long side (720 is about 1.5× faster on CPU); a scored clip keeps its "
+                                      "picture up to this many lines (1080 = 1920×1080), larger ones are scaled "
+                                      "down.", low=128, high=1080)
     max_k: int = _setting("I2M_MAX_K", 50, "Most songs one recommendation list may ask for.", low=1, high=500)
     # Photos from a link
     url_connect_timeout_s: float = _setting("I2M_URL_CONNECT_TIMEOUT", 3.0,
