@@ -204,11 +204,11 @@ def describe_progress(progress: dict) -> str:
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit in ("B", "kB") or n >= 100 else f"{n:.1f} {unit}"
+    for unit in ("B", "kB", "MB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}" if unit != "B" and n < 10 else f"{n:.0f} {unit}"
         n /= 1000
-    return f"{n:.1f} GB"
+    return f"{n:.1f} GB" if n < 10 else f"{n:.0f} GB"
 
 
 def _from_hub(spec: ArtifactSpec, token: str | None, cache_dir: str | None,
