@@ -264,8 +264,8 @@ def missing_models_message(statuses: list[ComponentStatus]) -> str | None:
     working = [s.name for s in statuses if s.state == "ready"]
     still = f" Still working: {', '.join(working)}." if working else ""
     return (f"Offline: the {names} {verb} not downloaded and the Hugging Face Hub cannot be reached, so these are "
-            f"unavailable: {lost}.{still} To fix: connect this machine to the internet and restart, copy a Hugging "
-            "Face cache (~/.cache/huggingface) from a connected machine, or run `python app.py --demo` for the small "
+            f"unavailable: {lost}.{still} To fix: connect this machine to the internet and restart, copy the Hugging "
+            "Face cache folder (HF_HOME) from a connected machine, or run `python app.py --demo` for the small "
             "offline demo models.")
 
 
