@@ -140,7 +140,8 @@ class Components:
 
     def _note(self, name: str, **info) -> None:
         """Record status fields a loader learns (source, weights, device, self-check, counts)."""
-        self._slots[name].info.update(info)
+        slot = self._slots[name]
+        slot.info = {**slot.info, **info}  # replaced, not updated: status() may be reading it from another thread
 
     def _model_path(self, kind: str, name: str) -> tuple[Path, str]:
         from .artifacts import ArtifactSpec, DownloadProgress, resolve

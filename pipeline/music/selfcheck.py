@@ -233,7 +233,8 @@ def load_checked(path: str | Path, thresholds: Thresholds, *, check: bool = True
 
 def _summary(checks: list[Figures], generator: MusicGenerator) -> str:
     def worst(f: Figures) -> str:
-        return f"KL ≤ {max(f.kl):.2g} nats ({max(f.kl_share):.1%} of the reference's), top-1 ≥ {min(f.top1):.0%}"
+        return (f"KL ≤ {max(f.kl):.2g} nats ({100 * max(f.kl_share):.2g}% of the reference's information), "
+                f"top-1 ≥ {min(f.top1):.0%}")
 
     if checks[-1].passed and len(checks) == 1:
         return f"fast loop ({checks[0].weights}) matches the fp32 reference: {worst(checks[0])}"
