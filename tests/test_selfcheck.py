@@ -151,3 +151,31 @@ def test_status_shows_the_fallback_without_paths_or_token(tileable_checkpoint, d
     assert report["catalog"]["songs"] > 0
     assert token not in text and str(Path.home()) not in text and str(cache_dir) not in text
     assert str(tileable_checkpoint) not in text
+
+
+def test_parity_script_on_the_demo_model(demo_paths, cache_dir, monkeypatch):
+    from scripts import parity
+
+    monkeypatch.setenv("I2M_CACHE_DIR", str(cache_dir))
+    result = parity.main(["--seconds", "1", "--json"])
+    assert result["weights"] == "int5-native" and result["frames"] == 50
+    for figure in ("kl", "kl_share", "top1"):
+        assert len(result[figure]["fast_vs_fp32"]) == len(result[figure]["fp32_seed_spread"]) == 4
+    # on the demo model the fast loop is far closer to fp32 than a different seed is
+    assert max(result["kl"]["fast_vs_fp32"]) < 0.1 * min(result["kl"]["fp32_seed_spread"])
+    assert result["mel_l1_db"]["fast_vs_fp32"] < result["mel_l1_db"]["fp32_seed_spread"]
+    json.dumps(result)
+
+
+def test_mel_distance_sees_a_changed_sound():
+    import numpy as np
+
+    from scripts.parity import mel_distance
+
+    rate = 32000
+    t = np.arange(rate) / rate
+    tone = 0.5 * np.sin(2 * np.pi * 440 * t)
+    assert mel_distance(tone, tone.copy(), rate) == 0.0
+    near = mel_distance(tone, tone * 0.98, rate)
+    far = mel_distance(tone, 0.5 * np.sin(2 * np.pi * 1760 * t), rate)
+    assert 0 < near < 1.0 < far
