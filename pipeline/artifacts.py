@@ -257,7 +257,7 @@ def resolve(spec: ArtifactSpec, *, token: str | None = None, cache_dir: str | No
         tried.append("Hub download: huggingface.co is unreachable (offline, or HF_HUB_OFFLINE=1)")
         raise ArtifactError(_failure(spec, tried, offline=True), offline=True)
     try:
-        path = _from_hub(spec, token, cache_dir, progress)
+        path = _from_hub(spec, token, cache_dir, **({"progress": progress} if progress is not None else {}))
     except Exception as exc:  # the Hub client raises many types; all end the same way for the user
         tried.append(f"Hub download: {_describe(exc, token)}")
         raise ArtifactError(_failure(spec, tried, offline=False)) from None
