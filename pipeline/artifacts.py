@@ -193,8 +193,11 @@ class DownloadProgress:
 
 
 def describe_progress(progress: dict) -> str:
-    """A download snapshot as one line for the status panel: "412 MB / 2.4 GB (17%), 38 MB/s, 3 / 9 files"."""
+    """A download snapshot as one line for the status panel: "downloading 412 MB / 2.4 GB (17%), 38 MB/s,
+    3 / 9 files", then "downloaded 2.4 GB in 63 s, loading" while the model loads."""
     done, total = progress["bytes"], progress["total"]
+    if progress.get("finished"):
+        return f"downloaded {_size(done)} in {progress.get('elapsed_s', 0):.0f} s, loading"
     text = f"downloading {_size(done)}" + (f" / {_size(total)} ({done / total:.0%})" if total else "")
     if progress.get("bytes_per_s"):
         text += f", {_size(progress['bytes_per_s'])}/s"

@@ -99,7 +99,7 @@ class Components:
         for name, slot in self._slots.items():
             progress = slot.download.snapshot() if slot.download is not None else None
             detail = slot.error or slot.detail
-            if slot.state == "loading" and progress is not None and not progress["finished"]:
+            if slot.state == "loading" and progress is not None:
                 from .artifacts import describe_progress
 
                 detail = describe_progress(progress)  # instead of a silent "loading" during a first-run download

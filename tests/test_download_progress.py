@@ -152,7 +152,7 @@ def test_a_first_run_download_shows_bytes_total_and_speed_in_the_status(fake_hub
     assert final["finished"] and final["bytes"] == final["total"] == total
     assert final["files"] == final["files_total"] == len(fake_hub.files)
     # while it downloaded, the status said how far it had got instead of a bare "loading"
-    midway = [s for s in report["seen"] if 0 < s["progress"]["bytes"] < total]
+    midway = [s for s in report["seen"] if 0 < s["progress"]["bytes"] < total and not s["progress"]["finished"]]
     assert midway, report["seen"]
     assert any(s["progress"]["bytes_per_s"] > 0 for s in midway)
     assert all(s["detail"].startswith("downloading ") and " / " in s["detail"] and "MB" in s["detail"]
@@ -161,6 +161,9 @@ def test_a_first_run_download_shows_bytes_total_and_speed_in_the_status(fake_hub
     assert all(s["progress"]["bytes"] <= s["progress"]["total"] <= total for s in midway)
     assert midway[-1]["progress"]["total"] == total
     assert {("GET", f"/{REPO}/resolve/{COMMIT}/padding.bin")} <= set(fake_hub.requests)
+    # once the files are in, the status says so while the model itself loads
+    after = [s["detail"] for s in report["seen"] if s["progress"]["finished"]]
+    assert all(d.startswith("downloaded ") and d.endswith(", loading") for d in after)
 
 
 def test_progress_text_reads_naturally():
@@ -171,3 +174,5 @@ def test_progress_text_reads_naturally():
     assert text == "downloading 412 MB / 2.4 GB (17%), 38 MB/s, 3 / 9 files"
     assert describe_progress({"bytes": 1500, "total": 0, "files": 0, "files_total": 0, "bytes_per_s": 0}) == \
         "downloading 1.5 kB"
+    assert describe_progress({"bytes": 2_400_000_000, "total": 2_400_000_000, "finished": True,
+                              "elapsed_s": 63.2}) == "downloaded 2.4 GB in 63 s, loading"
