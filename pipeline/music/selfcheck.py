@@ -87,7 +87,8 @@ class SelfCheck:
     backend: str
     weights: str
     thresholds: Thresholds
-    seconds: float
+    seconds: float  # everything, reloads for fallbacks included
+    reference_seconds: float  # the fp32 side of the check (its teacher tokens and logits)
     summary: str
 
     @property
@@ -97,6 +98,7 @@ class SelfCheck:
     def as_dict(self) -> dict:
         return {"summary": self.summary, "backend": self.backend, "weights": self.weights,
                 "fell_back": self.fell_back, "seconds": round(self.seconds, 2),
+                "check_seconds": round(self.reference_seconds + sum(c.seconds for c in self.checks), 2),
                 "thresholds": {"max_kl_share": self.thresholds.max_kl_share, "min_top1": self.thresholds.min_top1},
                 "checks": [c.as_dict() for c in self.checks]}
 
@@ -228,7 +230,7 @@ def load_checked(path: str | Path, thresholds: Thresholds, *, check: bool = True
         generator = _ProbingGenerator.load(Path(path), probe_into=reference, **{**options, "weights": weights})
         checks.append(compare(generator.lm, reference[0], thresholds))
     return generator, SelfCheck(tuple(checks), generator.backend, generator.weights, thresholds,
-                                time.perf_counter() - started, _summary(checks, generator))
+                                time.perf_counter() - started, reference[0].seconds, _summary(checks, generator))
 
 
 def _summary(checks: list[Figures], generator: MusicGenerator) -> str:
