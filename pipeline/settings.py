@@ -90,6 +90,17 @@ class Settings:
     native_kernels: bool = _setting("I2M_NATIVE_KERNELS", True,
                                     "Compile the project's int5/int4 CPU kernel with the system C compiler on first "
                                     "use; off = PyTorch's own kernels (int8 for int5).")
+    music_selfcheck: bool = _setting("I2M_MUSIC_SELFCHECK", True,
+                                     "At load, compare the fast music decoder with the fp32 reference on the loaded "
+                                     "weights (teacher-forced, a fixed prompt) and fall back, to int8 weights and "
+                                     "then the `reference` backend, when it disagrees; the figures are in the status.")
+    selfcheck_max_kl_share: float = _setting("I2M_SELFCHECK_MAX_KL_SHARE", 0.1,
+                                             "Self-check: largest next-token KL(reference ‖ fast) allowed for any "
+                                             "codebook, as a share of the reference's own KL from a uniform guess.",
+                                             low=0, high=10)
+    selfcheck_min_top1: float = _setting("I2M_SELFCHECK_MIN_TOP1", 0.25,
+                                         "Self-check: smallest share of positions where the fast decoder's most "
+                                         "likely code equals the reference's, for every codebook.", low=0, high=1)
     threads: int = _setting("I2M_THREADS", 0, "Torch CPU threads; 0 = all cores.", low=0, high=256)
     # Limits
     min_duration_s: float = _setting("I2M_MIN_DURATION", 1.0, "Shortest clip in seconds.", low=0.5, high=30)
