@@ -28,6 +28,7 @@ from gradio.components.api_component import Api as ApiParameter
 from gradio.data_classes import FileData
 
 from pipeline.audio import wav_bytes
+from pipeline.components import missing_models_message, status_report
 from pipeline.core import Pipeline, get_pipeline
 from pipeline.errors import Cancelled, ComponentLoading, ComponentUnavailable, UserFacingError
 from pipeline.features import BOUNDS
@@ -216,22 +217,6 @@ def limits_markdown(settings: Settings) -> str:
             "public addresses only. Song previews load Spotify only when you ask for them.")
 
 
-def missing_models_banner(statuses, settings: Settings) -> str | None:
-    """One banner for models that could not be loaded (no network, missing files): what is missing, what still
-    works and the fix — instead of an error on every output when a photo is analyzed."""
-    failed = [s.name for s in statuses if s.state == "failed"]
-    if not failed:
-        return None
-    works = [name for name, needs in (("song search by text", {"song catalog", "sentence embedder"}),
-                                      ("songs that match a photo's mood", {"song catalog", "mood model"}),
-                                      ("music", {"music model"})) if not needs & set(failed)]
-    fix = ("run `python app.py --demo` for the offline demo models, or download the checkpoints on a connected "
-           "machine" if not settings.demo else "see the status panel")
-    return (f"⚠️ **Not available right now: {', '.join(failed)}.** "
-            + (f"Still working: {', '.join(works)}. " if works else "")
-            + f"To fix it, {fix} — the status panel at the bottom says what was tried.")
-
-
 def keep_place(ticket) -> None:
     """Tell the fair line this request is still being read; one whose place was reclaimed (its reader vanished
     for longer than the lease) stops here."""
@@ -395,9 +380,9 @@ class Handlers:
     def status(self):
         statuses = self.pipe.status()
         ready = all(item.state in ("ready", "failed") for item in statuses)
-        banner = missing_models_banner(statuses, self.settings)
+        banner = missing_models_message(statuses)
         return (status_markdown(self.pipe, self.settings), gr.Timer(active=not ready),
-                gr.update(value=banner or "", visible=bool(banner)))
+                gr.update(value=f"⚠️ {banner}" if banner else "", visible=bool(banner)))
 
 
 @dataclass
@@ -512,7 +497,19 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
             result["notes"] = [f"The text was cut to {settings.max_prompt_chars} characters."]
         return result
 
-    return {"analyze": analyze, "caption": caption, "generate": generate, "recommend": recommend}
+    def status() -> dict:
+        """The app's health, for uptime monitors and embedding sites: overall state (ready, loading or degraded),
+        mode and device; per part its state, source (local, package, cache, Hub, demo), load time, weights format,
+        self-check figures and download progress; the catalog's counts; the music line (running and waiting
+        requests). Never shows a token or a path outside the app."""
+        runtime = pipe.runtime
+        line = pipe.music_line
+        report = status_report(pipe.status(), settings, device=runtime.device if runtime else None,
+                               queue_length=line["waiting"])
+        report["music_line"] = line
+        return report
+
+    return {"analyze": analyze, "caption": caption, "generate": generate, "recommend": recommend, "status": status}
 
 
 # -- layout ----------------------------------------------------------------------------------------------------------
@@ -646,6 +643,7 @@ def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: S
                concurrency_id="analyze")
         gr.api(api["generate"], api_name="generate", **line)
         gr.api(api["recommend"], api_name="recommend", concurrency_limit=4, concurrency_id="recommend")
+        gr.api(api["status"], api_name="status", queue=False)
 
         ui.analyze_btn.click(handlers.analyze, analyze_inputs, ui.analyze_outputs, **analyze_limits)
         # a new photo (uploaded, pasted, taken or an example clicked) is analyzed at once; results are cached per
