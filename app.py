@@ -217,6 +217,10 @@ def limits_markdown(settings: Settings) -> str:
             "public addresses only. Song previews load Spotify only when you ask for them.")
 
 
+def _sampling(temperature, top_k, top_p, guidance) -> dict:
+    return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "guidance_scale": guidance}
+
+
 def keep_place(ticket) -> None:
     """Tell the fair line this request is still being read; one whose place was reclaimed (its reader vanished
     for longer than the lease) stops here."""
@@ -320,42 +324,63 @@ class Handlers:
                 state)
 
     @gpu(duration=gpu_seconds)
-    def run_stream(self, prompt, duration_s, seed, temperature, top_k, top_p, guidance):
-        yield from self.pipe.stream(prompt, duration_s, seed, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    guidance_scale=guidance)
+    def run_stream(self, prompt, duration_s, seed, sampling, endless=False, continue_from=None):
+        yield from self.pipe.stream(prompt, duration_s, seed, endless=endless, continue_from=continue_from,
+                                    **sampling)
 
     @friendly
-    def generate(self, prompt, duration_s, seed, temperature, top_k, top_p, guidance, request: gr.Request):
-        music, truncated = self.pipe.music_request(prompt, duration_s, seed, temperature=temperature, top_k=top_k,
-                                                   top_p=top_p, guidance_scale=guidance)
+    def generate(self, prompt, duration_s, seed, temperature, top_k, top_p, guidance, endless, clip,
+                 request: gr.Request):
+        yield from self._music(prompt, duration_s, seed, _sampling(temperature, top_k, top_p, guidance), endless,
+                               None, request)
+
+    @friendly
+    def extend(self, prompt, duration_s, seed, temperature, top_k, top_p, guidance, endless, clip,
+               request: gr.Request):
+        """Continue the last clip by the chosen duration (or endlessly); a prompt edited since moves the music
+        toward it, without a cut."""
+        if not clip:
+            raise user_error("Make a clip first (Generate music), then extend it.")
+        yield from self._music(prompt, duration_s, seed, _sampling(temperature, top_k, top_p, guidance), endless,
+                               clip, request)
+
+    def _music(self, prompt, duration_s, seed, sampling, endless, clip, request):
+        continue_from = clip["id"] if clip else None
+        if clip and (prompt or "").strip() == clip["prompt"]:
+            prompt = None  # unchanged: the clip goes on with its own prompt
+        music, truncated = self.pipe.music_request(prompt, duration_s, seed, endless=endless,
+                                                   continue_from=continue_from, **sampling)
         limit = self.settings.max_prompt_chars
         note = f" (prompt cut to {limit} characters)" if truncated else ""
         if truncated:
             gr.Warning(f"The prompt was cut to {limit} characters.")
+        hidden = gr.update(visible=False, value=None)
         with self.pipe.music_ticket(client_id(request, self.settings.trusted_proxies)) as ticket:
             # waiting is a loop of yields: a visitor who leaves the page is dropped from the line at once
             while not ticket.wait(LINE_POLL_S):
-                yield None, gr.update(visible=False, value=None), line_status(ticket.position)
+                yield None, hidden, line_status(ticket.position), gr.skip()
             try:
-                yield from self._stream_to_player(music, note, ticket, (prompt, duration_s, seed, temperature, top_k,
-                                                                        top_p, guidance))
+                yield None, hidden, f"⏳ Starting… seed {music.seed}{note}", gr.skip()
+                parts, rate, clip_id = [], None, ""
+                for chunk in self.run_stream(prompt, duration_s, seed, sampling, endless, continue_from):
+                    keep_place(ticket)
+                    parts.append(chunk.samples)
+                    rate, clip_id = chunk.sample_rate, chunk.clip_id
+                    made = chunk.start_s + chunk.samples.shape[0] / chunk.sample_rate
+                    speed = made / chunk.elapsed_s if chunk.elapsed_s else 0.0
+                    length = "endless, Stop ends it" if endless else f"{music.duration_s:g} s"
+                    yield (wav_bytes(chunk.samples, chunk.sample_rate), gr.skip(),
+                           f"🎶 {made:.1f} s / {length} · {speed:.2f}× real time{note}", gr.skip())
             except (ComponentUnavailable, ComponentLoading) as exc:
-                yield None, gr.update(visible=False, value=None), f"⚠️ {exc}"
-
-    def _stream_to_player(self, music, note, ticket, args):
-        yield None, gr.update(visible=False, value=None), f"⏳ Starting… seed {music.seed}{note}"
-        parts, rate = [], None
-        for chunk in self.run_stream(*args):
-            keep_place(ticket)
-            parts.append(chunk.samples)
-            rate = chunk.sample_rate
-            made = chunk.start_s + chunk.samples.shape[0] / chunk.sample_rate
-            speed = made / chunk.elapsed_s if chunk.elapsed_s else 0.0
-            yield (wav_bytes(chunk.samples, chunk.sample_rate), gr.skip(),
-                   f"🎶 {made:.1f} / {music.duration_s:g} s · {speed:.2f}× real time{note}")
-        path = self.pipe.save_audio(parts, rate)
-        yield gr.skip(), gr.update(visible=True, value=str(path)), \
-            f"✅ Done: {music.duration_s:g} s, seed {music.seed}. Download the WAV below.{note}"
+                yield None, hidden, f"⚠️ {exc}", gr.skip()
+                return
+        # the download holds the whole piece: an extension is appended to the clip it continues
+        path = self.pipe.save_audio(parts, rate, after=clip["wav"] if clip else None)
+        made = sum(part.shape[0] for part in parts) / rate
+        what = f"extended by {made:.1f} s" if clip else f"{made:.1f} s"
+        clip = {"id": clip_id, "prompt": music.prompt, "wav": str(path)}
+        yield (gr.skip(), gr.update(visible=True, value=str(path)),
+               f"✅ Done: {what}, seed {music.seed}. Download the WAV below, or Extend it.{note}", clip)
 
     def select_song(self, state, which, evt: gr.SelectData):
         if not state or evt is None:
@@ -437,8 +462,23 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
         return pipe.caption(pipe.image_from(_file_path(image), image_url))
 
     @gpu(duration=gpu_seconds)
-    def _generate_chunks(prompt, duration_s, seed, sampling):
-        yield from pipe.stream(prompt, duration_s, seed, **sampling)
+    def _chunks(prompt, duration_s, seed, sampling, endless=False, continue_from=None):
+        yield from pipe.stream(prompt, duration_s, seed, endless=endless, continue_from=continue_from, **sampling)
+
+    def _in_line(request, make_chunks, per_chunk):
+        """Wait in the fair line, then run the chunks: a generator that yields while it waits and works, so that
+        Gradio can drop it (freeing its place and its compute) as soon as the caller disconnects."""
+        with pipe.music_ticket(client_id(request, settings.trusted_proxies)) as ticket:
+            while not ticket.wait(LINE_POLL_S):
+                yield None
+            for chunk in make_chunks():
+                keep_place(ticket)
+                yield per_chunk(chunk)
+
+    def _checked(prompt, duration_s, seed, sampling, **kwargs):
+        _, truncated = pipe.music_request(prompt, duration_s, seed, **kwargs, **sampling)
+        if truncated:
+            gr.Warning(f"The prompt was cut to {settings.max_prompt_chars} characters.")
 
     @friendly
     def generate(prompt: str, duration_s: float = settings.default_duration_s, seed: int = 0,
@@ -449,29 +489,86 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
 
         Args:
             prompt: what the music should sound like, e.g. the prompt /analyze returns.
-            duration_s: length in seconds, within the app's limits (1–30 by default).
+            duration_s: length in seconds, within the app's limits (1–300 by default; past 30 s the music goes on
+                window by window without a seam).
             seed: a whole number; the same seed, prompt and settings give the same audio.
             temperature: sampling temperature (< 1 safer, > 1 more adventurous).
             top_k: draw among the k most likely codes (0 = off).
             top_p: nucleus sampling threshold (0 = off).
             guidance_scale: classifier-free guidance, how strongly the prompt steers (1 = off).
         """
-        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "guidance_scale": guidance_scale}
-        _, truncated = pipe.music_request(prompt, duration_s, seed, **sampling)
-        if truncated:
-            gr.Warning(f"The prompt was cut to {settings.max_prompt_chars} characters.")
-        # a generator that yields None while it waits and works, so that Gradio can drop it (and free its place
-        # and its compute) as soon as the caller disconnects; `predict` returns the final file
-        with pipe.music_ticket(client_id(request, settings.trusted_proxies)) as ticket:
-            while not ticket.wait(LINE_POLL_S):
-                yield None
-            parts, rate = [], None
-            for chunk in _generate_chunks(prompt, duration_s, seed, sampling):
-                keep_place(ticket)
-                parts.append(chunk.samples)
-                rate = chunk.sample_rate
-                yield None
-        yield FileData(path=str(pipe.save_audio(parts, rate)))
+        sampling = _sampling(temperature, top_k, top_p, guidance_scale)
+        _checked(prompt, duration_s, seed, sampling)
+        parts, rate = [], []
+        for _ in _in_line(request, lambda: _chunks(prompt, duration_s, seed, sampling),
+                          lambda chunk: (parts.append(chunk.samples), rate.append(chunk.sample_rate))):
+            yield None  # `predict` returns the final file
+        yield FileData(path=str(pipe.save_audio(parts, rate[-1])))
+
+    def _streamed(make_chunks, request):
+        """Chunk events for /stream and /extend: each a small WAV; the last also carries the whole clip's WAV and
+        its clip_id, which /extend continues."""
+        parts = []
+
+        def event(chunk):
+            parts.append(chunk.samples)
+            item = {"clip_id": chunk.clip_id, "index": chunk.index, "start_s": round(chunk.start_s, 3),
+                    "seconds": round(chunk.samples.shape[0] / chunk.sample_rate, 3), "is_last": chunk.is_last,
+                    "audio": FileData(path=str(pipe.save_audio([chunk.samples], chunk.sample_rate)))}
+            if chunk.is_last:
+                item["wav"] = FileData(path=str(pipe.save_audio(parts, chunk.sample_rate)))
+            return item
+
+        for item in _in_line(request, make_chunks, event):
+            if item is not None:
+                yield item
+
+    @friendly
+    def stream(prompt: str, duration_s: float = settings.default_duration_s, seed: int = 0,
+               temperature: float = DEFAULT_SAMPLING.temperature, top_k: int = DEFAULT_SAMPLING.top_k,
+               top_p: float = DEFAULT_SAMPLING.top_p, guidance_scale: float = DEFAULT_SAMPLING.guidance_scale,
+               endless: bool = False, request: gr.Request = None) -> Iterator[dict]:
+        """Music streamed while it is made, for `client.submit(..., api_name="/stream")`: one event per chunk
+        (the first after about half a second of audio, then one per second) with `audio` (that chunk's WAV),
+        `clip_id`, `index`, `start_s`, `seconds` and `is_last`; the last event also has `wav`, the whole clip.
+
+        Args:
+            prompt: what the music should sound like.
+            duration_s: length in seconds (ignored when endless).
+            seed: a whole number; the same seed, prompt and settings give the same audio.
+            temperature: sampling temperature.
+            top_k: draw among the k most likely codes (0 = off).
+            top_p: nucleus sampling threshold (0 = off).
+            guidance_scale: classifier-free guidance (1 = off).
+            endless: keep streaming until the job is cancelled (at most the app's endless limit).
+        """
+        sampling = _sampling(temperature, top_k, top_p, guidance_scale)
+        _checked(prompt, duration_s, seed, sampling, endless=endless)
+        yield from _streamed(lambda: _chunks(prompt, duration_s, seed, sampling, endless), request)
+
+    @friendly
+    def extend(clip_id: str, duration_s: float = settings.default_duration_s, prompt: str = "", seed: int = 0,
+               temperature: float = DEFAULT_SAMPLING.temperature, top_k: int = DEFAULT_SAMPLING.top_k,
+               top_p: float = DEFAULT_SAMPLING.top_p, guidance_scale: float = DEFAULT_SAMPLING.guidance_scale,
+               endless: bool = False, request: gr.Request = None) -> Iterator[dict]:
+        """Continue a clip that /stream or /extend returned (its `clip_id`) by `duration_s` seconds, streamed like
+        /stream: the music goes on from where the clip ended, without a seam. A new `prompt` moves it toward
+        another mood (empty = the clip's own prompt). The app keeps the last 16 clips extendable.
+
+        Args:
+            clip_id: the clip_id of a clip's last event from /stream or /extend.
+            duration_s: how many seconds to add (ignored when endless).
+            prompt: a new description to move toward, or empty to keep the clip's.
+            seed: a whole number; the same seed and settings give the same continuation.
+            temperature: sampling temperature.
+            top_k: draw among the k most likely codes (0 = off).
+            top_p: nucleus sampling threshold (0 = off).
+            guidance_scale: classifier-free guidance (1 = off).
+            endless: keep streaming until the job is cancelled.
+        """
+        sampling = _sampling(temperature, top_k, top_p, guidance_scale)
+        _checked(prompt or None, duration_s, seed, sampling, endless=endless, continue_from=clip_id)
+        yield from _streamed(lambda: _chunks(prompt or None, duration_s, seed, sampling, endless, clip_id), request)
 
     @friendly
     def recommend(text: str = "", k: int = 10, features: dict | list | str | None = None) -> dict:
@@ -509,7 +606,8 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
         report["music_line"] = line
         return report
 
-    return {"analyze": analyze, "caption": caption, "generate": generate, "recommend": recommend, "status": status}
+    return {"analyze": analyze, "caption": caption, "generate": generate, "stream": stream, "extend": extend,
+            "recommend": recommend, "status": status}
 
 
 # -- layout ----------------------------------------------------------------------------------------------------------
@@ -524,11 +622,12 @@ class Layout:
 
     @property
     def generate_inputs(self) -> list:
-        return [self.prompt, self.duration, self.seed, self.temperature, self.top_k, self.top_p, self.guidance]
+        return [self.prompt, self.duration, self.seed, self.temperature, self.top_k, self.top_p, self.guidance,
+                self.endless, self.clip]
 
     @property
     def generate_outputs(self) -> list:
-        return [self.audio_out, self.download, self.gen_status]
+        return [self.audio_out, self.download, self.gen_status, self.clip]
 
 
 def _slider(name: str, label: str, elem_id: str) -> gr.Slider:
@@ -547,6 +646,7 @@ def build_layout(pipe: Pipeline, settings: Settings) -> tuple[gr.Blocks, Layout]
         ui.offline_banner = gr.Markdown(visible=False, elem_id="offline-banner")
         ui.state = gr.State(None)
         ui.selected_song = gr.State(None)
+        ui.clip = gr.State(None)  # the last finished clip: its id (for Extend), prompt and WAV
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=300):
                 ui.image = UploadedImage(label="Your photo", type="filepath", sources=["upload", "webcam", "clipboard"],
@@ -585,7 +685,9 @@ def build_layout(pipe: Pipeline, settings: Settings) -> tuple[gr.Blocks, Layout]
                             elem_id="music-model", info="Set I2M_MUSIC_MODEL to use medium, melody or stereo variants.")
                 ui.duration = gr.Slider(settings.min_duration_s, settings.max_duration_s,
                                         value=settings.default_duration_s, step=0.5, label="Duration (s)",
-                                        elem_id="duration")
+                                        elem_id="duration", info="Longer than 30 s: the music goes on window by "
+                                        "window, without a seam. Extend adds this much to the last clip.")
+                ui.endless = gr.Checkbox(False, label="Endless: keep playing until Stop", elem_id="endless")
                 with gr.Row():
                     ui.seed = gr.Number(value=42, precision=0, minimum=0, label="Seed", elem_id="seed", scale=4)
                     ui.dice = gr.Button("🎲", elem_id="dice-btn", scale=1, min_width=50)
@@ -597,6 +699,8 @@ def build_layout(pipe: Pipeline, settings: Settings) -> tuple[gr.Blocks, Layout]
                 with gr.Row():
                     ui.generate_btn = gr.Button("Generate music", variant="primary", elem_id="generate-btn", scale=3)
                     ui.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
+                ui.extend_btn = gr.Button("➕ Extend the last clip (edit the prompt to change its mood)",
+                                          elem_id="extend-btn", size="sm")
             with gr.Column(scale=7, min_width=280):
                 ui.audio_out = gr.Audio(label="Streaming as it is made", streaming=True, autoplay=True,
                                         interactive=False, elem_id="audio-out")
@@ -641,7 +745,8 @@ def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: S
                concurrency_id="analyze")
         gr.api(api["caption"], api_name="caption", concurrency_limit=settings.analyze_concurrency,
                concurrency_id="analyze")
-        gr.api(api["generate"], api_name="generate", **line)
+        for name in ("generate", "stream", "extend"):
+            gr.api(api[name], api_name=name, **line)
         gr.api(api["recommend"], api_name="recommend", concurrency_limit=4, concurrency_id="recommend")
         gr.api(api["status"], api_name="status", queue=False)
 
@@ -654,11 +759,13 @@ def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: S
                     concurrency_id="link", **private)
         generation = ui.generate_btn.click(handlers.generate, ui.generate_inputs, ui.generate_outputs,
                                            **generate_limits)
+        extension = ui.extend_btn.click(handlers.extend, ui.generate_inputs, ui.generate_outputs, **generate_limits)
         regeneration = ui.regenerate_btn.click(
             handlers.regenerate_songs, [ui.caption, ui.prompt, ui.genre, ui.extra, ui.k, ui.state],
             [ui.prompt, ui.tables["features"], ui.tables["lyrics"], ui.tables["fused"], ui.notes, ui.state],
             **analyze_limits).success(handlers.generate, ui.generate_inputs, ui.generate_outputs, **generate_limits)
-        ui.stop_btn.click(lambda: "⏹ Stopped.", None, ui.gen_status, cancels=[generation, regeneration], **instant)
+        ui.stop_btn.click(lambda: "⏹ Stopped.", None, ui.gen_status, cancels=[generation, extension, regeneration],
+                          **instant)
         ui.dice.click(lambda: random.randint(0, 2 ** 31 - 1), None, ui.seed, **instant)
         for key, table in ui.tables.items():
             table.select(_select_for(handlers, key), [ui.state],

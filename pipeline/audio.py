@@ -97,6 +97,17 @@ def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
     return buffer.getvalue()
 
 
+def read_wav(path: Path, sample_rate: int) -> np.ndarray:
+    """A WAV this app wrote, back as float32 samples ((n,) or (n, channels)) at the rate it expects."""
+    with wave.open(str(path), "rb") as handle:
+        if handle.getframerate() != sample_rate or handle.getsampwidth() != 2:
+            raise ValueError(f"{path.name} is not a 16-bit {sample_rate} Hz WAV of this app")
+        pcm = np.frombuffer(handle.readframes(handle.getnframes()), dtype="<i2")
+        channels = handle.getnchannels()
+    samples = pcm.astype(np.float32) / 32767.0
+    return samples if channels == 1 else samples.reshape(-1, channels)
+
+
 def write_wav(samples: np.ndarray, sample_rate: int, folder: Path) -> Path:
     """Each request gets its own file (never a shared path), 16-bit PCM."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -393,13 +393,18 @@ class Pipeline:
         finally:
             chunks.close()
 
-    def save_audio(self, parts: Sequence, sample_rate: int) -> Path:
-        """Streamed chunks (in order) joined into one WAV file of their own in the audio folder."""
+    def save_audio(self, parts: Sequence, sample_rate: int, after: str | Path | None = None) -> Path:
+        """Streamed chunks (in order) joined into one WAV file of their own in the audio folder; `after`, an
+        earlier WAV of this folder (the clip an extension continues), goes first when it is still there."""
         import numpy as np
 
-        from .audio import write_wav
+        from .audio import read_wav, write_wav
 
-        return write_wav(np.concatenate(list(parts)), sample_rate, self.settings.audio_dir)
+        samples = np.concatenate(list(parts))
+        earlier = Path(after) if after else None
+        if earlier is not None and earlier.parent.resolve() == self.settings.audio_dir.resolve() and earlier.is_file():
+            samples = np.concatenate([read_wav(earlier, sample_rate), samples])
+        return write_wav(samples, sample_rate, self.settings.audio_dir)
 
     def _prune_audio(self) -> None:
         from .storage import prune_folder

@@ -20,7 +20,7 @@ def test_the_page_answers(live_app):
         assert "Picture Soundtrack" in response.read().decode()
 
 
-API = {"/analyze", "/generate", "/recommend", "/caption", "/status"}
+API = {"/analyze", "/generate", "/stream", "/extend", "/recommend", "/caption", "/status"}
 
 
 def test_the_named_endpoints_are_listed(client):
@@ -206,3 +206,33 @@ def test_status_is_a_health_report_without_secrets_or_paths(client, pipeline):
     assert report["catalog"]["songs"] > 0 and report["music_line"] == pipeline.music_line
     text = str(report)
     assert str(pipeline.settings.cache_dir) not in text and "/root" not in text and "/home/" not in text
+
+
+def test_stream_yields_chunks_then_the_whole_clip_and_extend_continues_it(client):
+    job = client.submit("warm synth pads", 3.0, 11, api_name="/stream")
+    events = list(job)
+    assert events and events[-1]["is_last"] and sum(e["is_last"] for e in events) == 1
+    assert [e["index"] for e in events] == list(range(len(events)))
+    assert sum(e["seconds"] for e in events) == pytest.approx(3.0, abs=0.02)
+    assert sf.info(events[0]["audio"]).duration == pytest.approx(events[0]["seconds"], abs=1e-3)
+    whole, clip_id = events[-1]["wav"], events[-1]["clip_id"]
+    assert sf.info(whole).duration == pytest.approx(3.0, abs=0.02) and clip_id
+    streamed = np.concatenate([sf.read(e["audio"], dtype="float32")[0] for e in events])
+    assert np.array_equal(streamed, sf.read(whole, dtype="float32")[0])
+
+    more = list(client.submit(clip_id, 2.0, "the same pads, now with a slow drum beat", 12, api_name="/extend"))
+    assert sum(e["seconds"] for e in more) == pytest.approx(2.0, abs=0.02)
+    assert more[-1]["clip_id"] and more[-1]["clip_id"] != clip_id  # an extension can be extended in turn
+    again = list(client.submit(more[-1]["clip_id"], 1.0, "", 13, api_name="/extend"))
+    assert sum(e["seconds"] for e in again) == pytest.approx(1.0, abs=0.02)
+
+
+def test_extending_an_unknown_clip_is_a_clear_message(client):
+    with pytest.raises(Exception, match="can no longer be extended"):
+        client.predict("no-such-clip", 2.0, "", 1, api_name="/extend")
+
+
+def test_generate_takes_durations_past_the_models_window(client, pipeline):
+    seconds = pipeline.settings.music_window_s + 4.0
+    path = client.predict("slowly evolving ambient pads", seconds, 3, api_name="/generate")
+    assert sf.info(path).duration == pytest.approx(seconds, abs=0.02)

@@ -175,3 +175,36 @@ def test_stop_ends_a_generation_and_frees_its_place(browser, live_app, pipeline,
     assert not page.locator("#download-wav").is_visible()
     page.screenshot(path=str(artifacts_dir / "stopped.png"))
     page.close()
+
+
+def test_endless_plays_for_a_minute_and_stops(browser, live_app, pipeline, artifacts_dir):
+    """Endless mode streams past any clip length until Stop; the player keeps receiving audio for over a minute of
+    wall-clock time, then Stop ends it and frees its place."""
+    import re
+    import time
+
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(live_app, wait_until="domcontentloaded")
+    page.locator("#prompt textarea").fill("an endless calm drone")
+    page.locator("#endless input[type=checkbox]").check()
+    page.locator("#generate-btn").click()
+    status = page.locator("#generate-status")
+    expect(status).to_contain_text("endless", timeout=TIMEOUT_MS)
+    started = time.monotonic()
+    made = []
+    while time.monotonic() - started < 65:
+        found = re.search(r"🎶 ([0-9.]+) s", status.inner_text())
+        if found:
+            made.append(float(found.group(1)))
+        time.sleep(2)
+    assert made and made == sorted(made) and made[-1] > 60, made[-5:]  # still growing after a minute
+    page.screenshot(path=str(artifacts_dir / "endless.png"))
+    page.locator("#stop-btn").click()
+    expect(status).to_contain_text("Stopped", timeout=TIMEOUT_MS)
+    deadline = time.monotonic() + 60
+    while pipeline.music_line["running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pipeline.music_line == {"running": 0, "waiting": 0}
+    page.close()

@@ -105,13 +105,15 @@ def test_regenerate_keeps_an_edited_prompt_verbatim_and_rebuilds_an_untouched_on
 
 
 def test_generation_in_the_ui_shows_progress_then_offers_the_download(handlers):
-    updates = list(handlers.generate("calm piano", 2.5, 7, 1.0, 250, 0.0, 3.0, FakeRequest()))
+    updates = list(handlers.generate("calm piano", 2.5, 7, 1.0, 250, 0.0, 3.0, False, None, FakeRequest()))
     statuses = [u[2] for u in updates]
     assert statuses[0].startswith("⏳")
     progress = [s for s in statuses if s.startswith("🎶")]
     made = [float(s.split()[1]) for s in progress]
     assert len(progress) >= 3 and made == sorted(made) and made[-1] == pytest.approx(2.5)
     assert statuses[-1].startswith("✅ Done: 2.5 s, seed 7")
+    clip = updates[-1][3]
+    assert clip["id"] and clip["prompt"] == "calm piano"
     assert all(isinstance(u[0], bytes) and u[0][:4] == b"RIFF" for u in updates if u[2].startswith("🎶"))
 
 
@@ -188,3 +190,20 @@ def test_only_well_formed_spotify_ids_reach_a_link_or_the_player(bad):
     player = app_module.Handlers.spotify_player(good)
     assert 'sandbox="' in player and "embed/track/4uLU6hMCjMI75M1A2tKUQC" in player
     assert app_module.song_rows([good])[0][1].startswith("[T](")
+
+
+def test_extend_in_the_ui_continues_the_last_clip_and_the_download_holds_the_whole_piece(handlers):
+    import soundfile as sf
+
+    first = list(handlers.generate("calm piano", 1.5, 7, 1.0, 250, 0.0, 3.0, False, None, FakeRequest()))
+    clip = first[-1][3]
+    more = list(handlers.extend("calm piano with soft strings", 1.0, 8, 1.0, 250, 0.0, 3.0, False, clip,
+                                FakeRequest()))
+    status, extended = more[-1][2], more[-1][3]
+    assert status.startswith("✅ Done: extended by 1.0 s") and extended["id"] != clip["id"]
+    assert extended["prompt"] == "calm piano with soft strings"
+    assert sf.info(extended["wav"]).duration == pytest.approx(2.5, abs=0.02)
+    head = sf.read(clip["wav"], dtype="float32")[0]
+    assert np.array_equal(sf.read(extended["wav"], dtype="float32")[0][: len(head)], head)
+    with pytest.raises(Exception, match="Make a clip first"):
+        list(handlers.extend("x", 1.0, 1, 1.0, 250, 0.0, 3.0, False, None, FakeRequest()))
