@@ -71,3 +71,32 @@ def test_a_wrong_local_path_is_not_an_offline_failure(cache_dir, tmp_path):
     music = next(s for s in components.status() if s.name == MUSIC)
     assert music.state == "failed" and not music.offline
     assert missing_models_message(components.status()) is None
+
+
+def test_the_report_survives_a_gradio_api_round_trip():
+    """What app.py's `/status` endpoint will do: return `status_report(...)` from a `gr.api` function."""
+    import gradio as gr
+    from gradio_client import Client
+
+    from tests.conftest import free_port
+
+    settings = Settings()
+    statuses = [ComponentStatus(CATALOG, "ready", "3 songs", 0.1, source="index", counts={"songs": 3}),
+                ComponentStatus(MUSIC, "loading", "downloading 1.0 MB / 2.0 MB (50%)", None, source=None,
+                                progress={"bytes": 10**6, "total": 2 * 10**6, "bytes_per_s": 5, "finished": False},
+                                selfcheck={"checks": [{"kl": [1e-4, 2e-4], "passed": True}]})]
+
+    def status() -> dict:
+        """The app's health."""
+        return status_report(statuses, settings, device="cpu", queue_length=2)
+
+    with gr.Blocks() as demo:
+        gr.api(status, api_name="status")
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        got = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(api_name="/status")
+    finally:
+        demo.close()
+    assert got == status()
+    assert got["state"] == "loading" and got["components"][1]["download"]["bytes"] == 10**6
