@@ -12,6 +12,10 @@ Vocabulary (one word per concept):
   kernel, `native.py` + `kernels/lowbit_matmul.c`; `int8`, `bf16`, `fp32`: PyTorch's kernels).
 * **codec**: EnCodec, codes → samples; `codec.StreamingCodec` decodes a few frames at a time, exactly.
 * **generator** (`generator.MusicGenerator`): ties them together and yields loudness-normalised chunks.
+* **engine** (`engine.py`): many requests decoded as one batch, joining and leaving at step boundaries; a request
+  longer than the model's window goes on window by window (**continuation**), so music can run for minutes.
+* **self-check** (`selfcheck.py`): at load, the fast backend is compared with the fp32 reference on the loaded
+  checkpoint; below the thresholds the generator falls back to safer weights and says so.
 
     from pipeline.music import MusicRequest, load_model
     generator = load_model("path/to/facebook-musicgen-small")
