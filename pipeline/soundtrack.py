@@ -21,7 +21,7 @@ from .catalog import SongMatch
 from .core import Analysis, Pipeline, lyric_query
 from .errors import Cancelled, InputError
 from .images import ImageSource
-from .music.request import SEED_LIMIT, check_seed
+from .music.request import SEED_LIMIT, DurationLimits, check_seed
 
 __all__ = ["Part", "Soundtrack", "album", "video_soundtrack"]
 
@@ -151,10 +151,9 @@ def album(pipe: Pipeline, images: Sequence[ImageSource], duration_s, seed, *, sq
     stages = _Stages(progress, cancel)
     images = list(images or [])
     seed = check_seed(seed)
-    duration = pipe.durations.check(duration_s)
-    limit = pipe.settings.video_max_s
-    if duration > limit:
-        raise InputError(f"duration_s must be at most {limit:g} seconds for an album, got {duration:g}.")
+    # the album's music is also the video's soundtrack: both limits apply
+    duration = DurationLimits(pipe.durations.low, min(pipe.durations.high, pipe.settings.video_max_s)).check(
+        duration_s)
     media.check_album(images, media.even_boundaries(len(images), duration), duration)
     share = duration / len(images)
     if share < pipe.durations.low:

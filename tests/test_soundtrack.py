@@ -75,7 +75,7 @@ def test_bad_albums_are_refused_before_any_music(pipeline, tmp_path):
     broken.write_bytes(b"not a photo at all")
     with pytest.raises(InputError, match=r"photo 2 \(broken.jpg\)"):
         pipeline.album([PHOTOS[0], str(broken)], 4, 1)
-    with pytest.raises(InputError, match="at most 60 seconds"):
+    with pytest.raises(InputError, match="between 1 and 60 seconds"):
         pipeline.album(PHOTOS, 90, 1)
     assert pipeline.music_line == {"running": 0, "waiting": 0}
 
