@@ -54,6 +54,7 @@ EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*.jpg"))
 ALBUM_EXAMPLE = [str(ASSETS / "examples" / name) for name in ("coffee.jpg", "cat.jpg", "rocket_launch.jpg")]
 CLIP_EXAMPLE = str(ASSETS / "examples" / "three-scenes.mp4")
 PART_HEADERS = ["#", "From (s)", "To (s)", "Caption", "Mood", "Music prompt"]
+PART_WIDTHS = ["6%", "9%", "9%", "33%", "10%", "33%"]  # long captions wrap instead of pushing the prompt away
 SONG_HEADERS = ["#", "Song", "Artist", "Year", "Genre", "Score", "Why"]
 SONG_TYPES = ["number", "markdown", "str", "str", "str", "number", "str"]
 SONG_LISTS = (("features", "By sound", "songs-features"), ("lyrics", "By lyrics", "songs-lyrics"),
@@ -929,7 +930,8 @@ def build_media_tab(ui: Layout, settings: Settings) -> None:
                     ui.share_btn = gr.Button("🎬 Make a video of the photo and the last clip", variant="primary",
                                              elem_id="share-btn")
                 with gr.Column(scale=7, min_width=280):
-                    ui.share_video = gr.Video(label="Photo video", interactive=False, elem_id="share-video")
+                    ui.share_video = gr.Video(label="Photo video", interactive=False, elem_id="share-video",
+                                              height=360)
                     ui.share_download = gr.DownloadButton("Download MP4", visible=False, elem_id="share-download")
                     ui.share_status = gr.Markdown(elem_id="share-status")
         with gr.Tab("Album", id="album-tab"):
@@ -951,11 +953,13 @@ def build_media_tab(ui: Layout, settings: Settings) -> None:
                                                                            ui.album_seed],
                                 label="Or try three example photos")
                 with gr.Column(scale=7, min_width=280):
-                    ui.album_video = gr.Video(label="Slideshow", interactive=False, elem_id="album-video")
+                    ui.album_video = gr.Video(label="Slideshow", interactive=False, elem_id="album-video",
+                                              height=360)
                     ui.album_download = gr.DownloadButton("Download MP4", visible=False, elem_id="album-download")
                     ui.album_status = gr.Markdown(elem_id="album-status")
             ui.album_parts = gr.Dataframe(headers=PART_HEADERS, value=[], interactive=False, wrap=True,
-                                          label="Each photo's part", elem_id="album-parts")
+                                          label="Each photo's part", elem_id="album-parts",
+                                          column_widths=PART_WIDTHS)
             ui.album_songs = gr.Dataframe(headers=SONG_HEADERS, value=[], interactive=False, wrap=True,
                                           datatype=SONG_TYPES, label="Songs for the whole album",
                                           elem_id="album-songs", elem_classes=["songs-table"])
@@ -972,11 +976,13 @@ def build_media_tab(ui: Layout, settings: Settings) -> None:
                     gr.Examples(examples=[[CLIP_EXAMPLE, 7, False]], inputs=[ui.clip_in, ui.clip_seed, ui.clip_keep],
                                 label="Or try an example clip")
                 with gr.Column(scale=7, min_width=280):
-                    ui.clip_video = gr.Video(label="Scored video", interactive=False, elem_id="clip-video")
+                    ui.clip_video = gr.Video(label="Scored video", interactive=False, elem_id="clip-video",
+                                              height=360)
                     ui.clip_download = gr.DownloadButton("Download MP4", visible=False, elem_id="clip-download")
                     ui.clip_status = gr.Markdown(elem_id="clip-status")
             ui.clip_parts = gr.Dataframe(headers=PART_HEADERS, value=[], interactive=False, wrap=True,
-                                         label="Each scene's part", elem_id="clip-parts")
+                                         label="Each scene's part", elem_id="clip-parts",
+                                          column_widths=PART_WIDTHS)
             ui.clip_songs = gr.Dataframe(headers=SONG_HEADERS, value=[], interactive=False, wrap=True,
                                          datatype=SONG_TYPES, label="Songs for the whole clip",
                                          elem_id="clip-songs", elem_classes=["songs-table"])

@@ -266,12 +266,13 @@ def mp4_facts(path) -> dict:
 
 @pytest.fixture(scope="module")
 def media_inputs(tmp_path_factory) -> dict:
-    """Made with FFmpeg's test sources: a 4 s clip with a cut at 2 s, and the files the endpoints must refuse."""
+    """Made with FFmpeg's test sources: a 5 s clip with a cut at 2.5 s, and the files the endpoints must refuse."""
     folder = tmp_path_factory.mktemp("api-media")
     paths = {name: folder / name for name in ("clip.mp4", "corrupt.mp4", "truncated.mp4", "sound.m4a",
                                                "long.mp4", "wide.mp4", "tone.wav", "broken.jpg")}
-    ffmpeg("-f", "lavfi", "-i", "testsrc2=s=160x90:r=10:d=2", "-f", "lavfi", "-i", "smptebars=s=160x90:r=10:d=2",
-           "-f", "lavfi", "-i", "sine=f=440:d=4", "-filter_complex", "[0:v][1:v]concat=n=2:v=1:a=0[v]",
+    ffmpeg("-f", "lavfi", "-i", "smptebars=s=160x90:r=10:d=2.5",
+           "-f", "lavfi", "-i", "color=c=red:s=160x90:r=10:d=2.5",
+           "-f", "lavfi", "-i", "sine=f=440:d=5", "-filter_complex", "[0:v][1:v]concat=n=2:v=1:a=0[v]",
            "-map", "[v]", "-map", "2:a", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
            "-c:a", "aac", "-movflags", "+faststart", str(paths["clip.mp4"]))
     whole = paths["clip.mp4"].read_bytes()
@@ -306,7 +307,7 @@ def test_album_is_a_slideshow_of_the_asked_length(client):
 def test_video_soundtrack_returns_the_clip_with_music(client, media_inputs, pipeline):
     path = client.predict(handle_file(str(media_inputs["clip.mp4"])), 9, True, api_name="/video_soundtrack")
     facts = mp4_facts(path)
-    assert facts["video"] == 1 and facts["audio"] == 1 and abs(facts["duration"] - 4.0) <= 0.1
+    assert facts["video"] == 1 and facts["audio"] == 1 and abs(facts["duration"] - 5.0) <= 0.1
     assert pipeline.music_line == {"running": 0, "waiting": 0}
 
 
