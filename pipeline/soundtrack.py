@@ -87,6 +87,7 @@ def music_in_parts(pipe: Pipeline, prompts: Sequence[str], lengths: Sequence[flo
         while not ticket.wait(LINE_POLL_S):
             ahead = ticket.position - 1
             stages.say(low, f"In line for the music engine: {ahead} request{'s' if ahead != 1 else ''} ahead.")
+        stages.say(low, f"Making the music: 0.0 of {total:.1f} s.")
         made = 0.0
         for k, (prompt, seconds) in enumerate(zip(prompts, lengths)):
             # a seed of its own per part: the same seed on every part would restart the same random draws
