@@ -251,6 +251,7 @@ def test_an_album_is_made_in_the_video_tab(browser, live_app, artifacts_dir):
     assert page.locator("#album-download").is_visible()
     _fits_the_window(page, 1280)
     page.screenshot(path=str(artifacts_dir / "album.png"), full_page=True)
+    page.locator("#media-tabs").screenshot(path=str(artifacts_dir / "video-tab-album.png"))
     page.close()
 
 
@@ -278,6 +279,7 @@ def test_a_clip_is_uploaded_scored_and_downloaded(browser, live_app, artifacts_d
     expect(page.locator("#clip-parts [role=row]")).to_have_count(3, timeout=TIMEOUT_MS)
     _fits_the_window(page, 1280)
     page.screenshot(path=str(artifacts_dir / "scored.png"), full_page=True)
+    page.locator("#media-tabs").screenshot(path=str(artifacts_dir / "video-tab-scored.png"))
     with page.expect_download(timeout=TIMEOUT_MS) as info:
         page.locator("#clip-download").click()
     saved = tmp_path / "scored.mp4"
@@ -308,6 +310,7 @@ def test_share_as_video_is_one_click_after_generate(browser, live_app, artifacts
     expect(page.locator("#share-status")).to_contain_text("✅", timeout=TIMEOUT_MS)
     page.locator("#share-video video").wait_for(timeout=TIMEOUT_MS)
     page.screenshot(path=str(artifacts_dir / "share.png"), full_page=True)
+    page.locator("#media-tabs").screenshot(path=str(artifacts_dir / "video-tab-share.png"))
     with page.expect_download(timeout=TIMEOUT_MS) as info:
         page.locator("#share-download").click()
     saved = tmp_path / "share.mp4"
