@@ -285,13 +285,16 @@ class Background:
             except queue.Empty:
                 item = latest
             # only the newest report is shown: ffmpeg reports five times a second
-            while item is not None and not self._updates.empty():
-                item = self._updates.get_nowait()
-            if item is None:
+            done = item is None
+            while not done and not self._updates.empty():
+                newer = self._updates.get_nowait()
+                done, item = newer is None, item if newer is None else newer
+            if item is not None:
+                latest = item
+                yield latest
+                self._pulled = time.monotonic()
+            if done:
                 break
-            latest = item
-            yield latest
-            self._pulled = time.monotonic()
         self._thread.join()
         if self._error is not None:
             raise self._error

@@ -343,3 +343,37 @@ def test_bad_video_inputs_get_clear_messages_and_the_app_keeps_serving(client, m
     assert "Traceback" not in str(info.value)
     assert pipeline.music_line == {"running": 0, "waiting": 0}
     assert client.predict(api_name="/status")["state"] == "ready"
+
+
+def test_background_work_reports_returns_and_raises_on_the_handlers_thread():
+    import threading
+
+    from app import Background
+
+    def work(steps, *, progress, cancel):
+        for k in range(steps):
+            progress((k + 1) / steps, f"step {k + 1}")
+        return "made"
+
+    with Background(work, 3) as job:
+        seen = list(job)
+    assert job.result == "made" and seen[-1] == (1.0, "step 3")
+
+    def failing(*, progress, cancel):
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError, match="bad input"):
+        with Background(failing) as job:
+            list(job)
+
+    started, stopped = threading.Event(), threading.Event()
+
+    def endless(*, progress, cancel):
+        started.set()
+        while not cancel.wait(0.05):
+            progress(0.5, "working")
+        stopped.set()
+
+    with Background(endless) as job:  # the handler leaves early, as when Gradio closes it for a gone visitor
+        next(iter(job))
+    assert started.is_set() and stopped.wait(5)
