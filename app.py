@@ -16,8 +16,11 @@ import html
 import inspect
 import logging
 import os
+import queue
 import random
 import re
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -48,6 +51,10 @@ except ImportError:  # pragma: no cover - spaces is in requirements.txt
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*.jpg"))
+ALBUM_EXAMPLE = [str(ASSETS / "examples" / name) for name in ("coffee.jpg", "cat.jpg", "rocket_launch.jpg")]
+CLIP_EXAMPLE = str(ASSETS / "examples" / "three-scenes.mp4")
+PART_HEADERS = ["#", "From (s)", "To (s)", "Caption", "Mood", "Music prompt"]
+PART_WIDTHS = ["6%", "9%", "9%", "33%", "10%", "33%"]  # long captions wrap instead of pushing the prompt away
 SONG_HEADERS = ["#", "Song", "Artist", "Year", "Genre", "Score", "Why"]
 SONG_TYPES = ["number", "markdown", "str", "str", "str", "number", "str"]
 SONG_LISTS = (("features", "By sound", "songs-features"), ("lyrics", "By lyrics", "songs-lyrics"),
@@ -61,6 +68,8 @@ SPOTIFY_ID = re.compile(r"[A-Za-z0-9]{22}")
 ZERO_GPU_BASE_S, ZERO_GPU_PER_AUDIO_S, ZERO_GPU_MAX_S = 20, 4, 300
 DEFAULT_SAMPLING = Sampling()
 LINE_POLL_S = 0.5  # how often a request waiting for the music engine yields (and so notices a gone client)
+READER_GONE_S = 20.0  # video work whose progress nobody has read for this long stops (the fair line's lease)
+VIDEO_CONCURRENCY = 2  # videos made at once: each ffmpeg encode already uses every core
 log = logging.getLogger("app")
 
 
@@ -229,6 +238,68 @@ def keep_place(ticket) -> None:
     ticket.touch()
 
 
+class Background:
+    """Long video work (`work(*args, progress=, cancel=, **kwargs)`) on a thread of its own, for a generator
+    handler: iterating yields (fraction, message) as the work reports and at least every LINE_POLL_S, so the
+    handler can show progress and Gradio can close it when the visitor leaves; leaving the `with` block early
+    cancels the work. After the loop, `result` holds what the work returned (its exception is raised instead).
+
+    Work whose reports nobody has taken for READER_GONE_S (a server that stopped reading without closing the
+    handler) is cancelled, as the fair line reclaims an untouched ticket."""
+
+    def __init__(self, work, *args, **kwargs):
+        self.cancel = threading.Event()
+        self.result = None
+        self._updates: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._pulled = time.monotonic()
+        self._thread = threading.Thread(target=self._run, args=(work, args, kwargs), daemon=True,
+                                        name="video-work")
+
+    def _report(self, fraction: float, message: str | None = None) -> None:
+        if time.monotonic() - self._pulled > READER_GONE_S:
+            self.cancel.set()
+        self._updates.put((float(fraction), message or f"Making the video: {100 * fraction:.0f} %"))
+
+    def _run(self, work, args, kwargs) -> None:
+        try:
+            self.result = work(*args, progress=self._report, cancel=self.cancel, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - raised again on the handler's thread
+            self._error = exc
+        finally:
+            self._updates.put(None)
+
+    def __enter__(self) -> "Background":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread.is_alive():
+            self.cancel.set()
+
+    def __iter__(self) -> Iterator[tuple[float, str]]:
+        latest = (0.0, "Starting…")
+        while True:
+            try:
+                item = self._updates.get(timeout=LINE_POLL_S)
+            except queue.Empty:
+                item = latest
+            # only the newest report is shown: ffmpeg reports five times a second
+            done = item is None
+            while not done and not self._updates.empty():
+                newer = self._updates.get_nowait()
+                done, item = newer is None, item if newer is None else newer
+            if item is not None:
+                latest = item
+                yield latest
+                self._pulled = time.monotonic()
+            if done:
+                break
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 def line_status(position: int) -> str:
     ahead = position - 1
     return (f"⏳ In line for the music engine: {ahead} request{'s' if ahead != 1 else ''} ahead of yours. "
@@ -381,6 +452,60 @@ class Handlers:
         clip = {"id": clip_id, "prompt": music.prompt, "wav": str(path)}
         yield (gr.skip(), gr.update(visible=True, value=str(path)),
                f"✅ Done: {what}, seed {music.seed}. Download the WAV below, or Extend it.{note}", clip)
+
+    # -- video & album ---------------------------------------------------------------------------------------------
+    @friendly
+    def share_video(self, image_path, clip, square, title, show_caption, caption, progress=gr.Progress()):
+        """The current photo and the last generated clip as an MP4 (one click after Generate)."""
+        if not image_path:
+            raise user_error("Add a photo first (at the top of the page), then generate music for it.")
+        if not clip or not clip.get("wav"):
+            raise user_error("Generate music first (Your soundtrack, above); the video carries the last clip.")
+        if not Path(clip["wav"]).is_file():
+            raise user_error("The last clip's file has been cleaned up (clips are kept for "
+                             f"{self.settings.temp_max_age_s // 60} minutes). Generate it again.")
+        hidden = gr.update(visible=False, value=None)
+        with Background(self.pipe.share_video, image_path, clip["wav"], square=bool(square), title=title or None,
+                        caption=caption if show_caption else None) as job:
+            for fraction, message in job:
+                progress(fraction, desc=message)
+                yield gr.skip(), hidden, f"⏳ {message}"
+        rendered = job.result
+        notes = "".join(f" {note}" for note in rendered.notes)
+        info = rendered.info
+        yield (str(rendered.path), gr.update(visible=True, value=str(rendered.path)),
+               f"✅ {info.width}×{info.height}, {info.duration_s:.1f} s. Download the MP4 below.{notes}")
+
+    @friendly
+    def album(self, files, duration_s, seed, square, request: gr.Request, progress=gr.Progress()):
+        paths = [_file_path(f) for f in files or []]
+        yield from self._soundtrack(self.pipe.album, (paths, duration_s, seed), {"square": bool(square)},
+                                    request, progress)
+
+    @friendly
+    def video_soundtrack(self, video_path, seed, keep_original_audio, request: gr.Request, progress=gr.Progress()):
+        if not video_path:
+            raise user_error("Upload a video clip first (MP4, MOV, MKV or WebM).")
+        yield from self._soundtrack(self.pipe.video_soundtrack, (video_path, seed, bool(keep_original_audio)), {},
+                                    request, progress)
+
+    def _soundtrack(self, work, args, kwargs, request, progress):
+        """Outputs: the video, its download, the status line, the parts table, the songs table."""
+        hidden = gr.update(visible=False, value=None)
+        client = client_id(request, self.settings.trusted_proxies)
+        with Background(work, *args, client=client, **kwargs) as job:
+            for fraction, message in job:
+                progress(fraction, desc=message)
+                yield gr.skip(), hidden, f"⏳ {message}", gr.skip(), gr.skip()
+        made = job.result
+        path = str(made.video.path)
+        rows = [[k, round(p.start_s, 2), round(p.end_s, 2), p.caption, p.emotion, p.prompt]
+                for k, p in enumerate(made.parts, 1)]
+        notes = "".join(f" {note}" for note in made.notes)
+        status = (f"✅ {made.video.info.duration_s:.1f} s, {len(made.parts)} part{'s' if len(made.parts) != 1 else ''}"
+                  f", seed {made.seed}. The music moves to each part's prompt at its start, without a cut.{notes}")
+        yield (path, gr.update(visible=True, value=path), status, rows,
+               song_rows(made.songs.get("songs_fused", [])))
 
     def select_song(self, state, which, evt: gr.SelectData):
         if not state or evt is None:
@@ -594,6 +719,65 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
             result["notes"] = [f"The text was cut to {settings.max_prompt_chars} characters."]
         return result
 
+    def _video_file(work, *args, **kwargs) -> Iterator[FileData | None]:
+        """Yield while the work runs (so a caller who disconnects stops it), then the MP4."""
+        with Background(work, *args, **kwargs) as job:
+            for _ in job:
+                yield None
+        made = job.result
+        yield FileData(path=str(getattr(made, "video", made).path))
+
+    @friendly
+    def share_video(image: FileData, audio: FileData, square: bool = False, title: str = "",
+                    caption: str = "") -> Iterator[FileData | None]:
+        """An MP4 (H.264 + AAC, at most 1080 px on the long side) of a photo with a slow pan/zoom, carrying the
+        audio for its whole length, e.g. a WAV from /generate; optionally square and with a title and caption.
+
+        Args:
+            image: the photo (JPEG, PNG, WebP or GIF).
+            audio: the music (WAV, FLAC, OGG or MP3), at most the app's video length limit (60 s by default).
+            square: a square video instead of the photo's own aspect ratio.
+            title: a line of text at the top (empty = none).
+            caption: a line of text at the bottom (empty = none).
+        """
+        if not _file_path(image) or not _file_path(audio):
+            raise user_error("Give both an image and an audio file.")
+        yield from _video_file(pipe.share_video, _file_path(image), _file_path(audio), square=bool(square),
+                               title=title or None, caption=caption or None)
+
+    @friendly
+    def album(images: list[FileData], duration_s: float = 12.0, seed: int = 0, square: bool = False,
+              request: gr.Request = None) -> Iterator[FileData | None]:
+        """A slideshow MP4 of 2–10 photos whose music follows them: each photo gets an equal share of the
+        duration and its own prompt (from its caption and mood); the music moves to the next photo's prompt at
+        its turn without a cut, while the pictures crossfade.
+
+        Args:
+            images: 2 to 10 photos, in the order they are shown.
+            duration_s: the video's length in seconds (at most the app's video limit, 60 s by default).
+            seed: a whole number; the same photos, seed and length give the same music.
+            square: a square video instead of the first photo's aspect ratio.
+        """
+        paths = [_file_path(image) for image in images or []]
+        yield from _video_file(pipe.album, paths, duration_s, seed, square=bool(square),
+                               client=client_id(request, settings.trusted_proxies))
+
+    @friendly
+    def video_soundtrack(video: FileData, seed: int = 0, keep_original_audio: bool = False,
+                         request: gr.Request = None) -> Iterator[FileData | None]:
+        """The clip as an MP4 with new music made for it: scene changes are found, each scene's frame gets a
+        caption, mood and prompt, and the music moves to each scene's prompt at its cut, without a seam.
+
+        Args:
+            video: a clip (MP4, MOV, MKV, WebM, AVI) of at most the app's limit (60 s by default).
+            seed: a whole number; the same clip and seed give the same music.
+            keep_original_audio: keep the clip's own sound, 12 dB under the music (else it is dropped).
+        """
+        if not _file_path(video):
+            raise user_error("No video was given. Send a clip (MP4, MOV, MKV or WebM).")
+        yield from _video_file(pipe.video_soundtrack, _file_path(video), seed, bool(keep_original_audio),
+                               client=client_id(request, settings.trusted_proxies))
+
     def status() -> dict:
         """The app's health, for uptime monitors and embedding sites: overall state (ready, loading or degraded),
         mode and device; per part its state, source (local, package, cache, Hub, demo), load time, weights format,
@@ -607,7 +791,8 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
         return report
 
     return {"analyze": analyze, "caption": caption, "generate": generate, "stream": stream, "extend": extend,
-            "recommend": recommend, "status": status}
+            "recommend": recommend, "status": status, "share_video": share_video, "album": album,
+            "video_soundtrack": video_soundtrack}
 
 
 # -- layout ----------------------------------------------------------------------------------------------------------
@@ -716,6 +901,9 @@ def build_layout(pipe: Pipeline, settings: Settings) -> tuple[gr.Blocks, Layout]
                                                   datatype=SONG_TYPES, elem_id=elem, elem_classes=["songs-table"])
         ui.spotify_btn = gr.Button("▶ Play on Spotify", visible=False, elem_id="spotify-btn", size="sm")
         ui.spotify_html = gr.HTML(elem_id="spotify-player")
+        with gr.Tabs(elem_id="media-tabs"):
+            with gr.Tab("Video & album", id="video-album"):
+                build_media_tab(ui, settings)
 
         with gr.Accordion("About, limits and privacy", open=False):
             gr.Markdown(limits_markdown(settings), elem_id="limits")
@@ -725,6 +913,82 @@ def build_layout(pipe: Pipeline, settings: Settings) -> tuple[gr.Blocks, Layout]
         ui.footer = gr.Markdown(status_markdown(pipe, settings), elem_id="status-footer")
         ui.timer = gr.Timer(1.5)
     return demo, ui
+
+
+def build_media_tab(ui: Layout, settings: Settings) -> None:
+    """Share as video, Album and Score a video: music that follows pictures, as MP4s to post."""
+    longest = min(settings.video_max_s, settings.max_duration_s)
+    with gr.Tabs():
+        with gr.Tab("Share as video", id="share-tab"):
+            gr.Markdown("The photo above with a slow pan and zoom, carrying the last clip you generated: an MP4 "
+                        "(H.264 + AAC) that phones and social networks play as is.")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=5, min_width=280):
+                    ui.share_square = gr.Checkbox(False, label="Square (1:1) instead of the photo's shape",
+                                                  elem_id="share-square")
+                    ui.share_title = gr.Textbox(label="Title on the video (optional)", max_lines=1, max_length=80,
+                                                elem_id="share-title")
+                    ui.share_caption = gr.Checkbox(False, label="Show the caption at the bottom",
+                                                   elem_id="share-caption")
+                    ui.share_btn = gr.Button("🎬 Make a video of the photo and the last clip", variant="primary",
+                                             elem_id="share-btn")
+                with gr.Column(scale=7, min_width=280):
+                    ui.share_video = gr.Video(label="Photo video", interactive=False, elem_id="share-video",
+                                              height=360)
+                    ui.share_download = gr.DownloadButton("Download MP4", visible=False, elem_id="share-download")
+                    ui.share_status = gr.Markdown(elem_id="share-status")
+        with gr.Tab("Album", id="album-tab"):
+            gr.Markdown("2–10 photos become a slideshow whose music follows them: each photo gets its own prompt "
+                        "and an equal share of the time, and the music moves to the next photo's mood as the "
+                        "pictures crossfade, without a cut.")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=5, min_width=280):
+                    ui.album_files = gr.File(file_count="multiple", file_types=["image"], type="filepath",
+                                             label="Photos, in order (2–10)", elem_id="album-files", height=180)
+                    ui.album_duration = gr.Slider(2, longest, value=min(12.0, longest), step=0.5,
+                                                  label="Length (s)", elem_id="album-duration")
+                    with gr.Row():
+                        ui.album_seed = gr.Number(value=42, precision=0, minimum=0, label="Seed",
+                                                  elem_id="album-seed", min_width=100)
+                        ui.album_square = gr.Checkbox(False, label="Square", elem_id="album-square", min_width=100)
+                    ui.album_btn = gr.Button("🎞 Make the album", variant="primary", elem_id="album-btn")
+                    gr.Examples(examples=[[ALBUM_EXAMPLE, 9, 7]], inputs=[ui.album_files, ui.album_duration,
+                                                                           ui.album_seed],
+                                label="Or try three example photos")
+                with gr.Column(scale=7, min_width=280):
+                    ui.album_video = gr.Video(label="Slideshow", interactive=False, elem_id="album-video",
+                                              height=360)
+                    ui.album_download = gr.DownloadButton("Download MP4", visible=False, elem_id="album-download")
+                    ui.album_status = gr.Markdown(elem_id="album-status")
+            ui.album_parts = gr.Dataframe(headers=PART_HEADERS, value=[], interactive=False, wrap=True,
+                                          label="Each photo's part", elem_id="album-parts",
+                                          column_widths=PART_WIDTHS)
+            ui.album_songs = gr.Dataframe(headers=SONG_HEADERS, value=[], interactive=False, wrap=True,
+                                          datatype=SONG_TYPES, label="Songs for the whole album",
+                                          elem_id="album-songs", elem_classes=["songs-table"])
+        with gr.Tab("Score a video", id="score-tab"):
+            gr.Markdown(f"A clip of up to {settings.video_max_s:g} s gets new music: its scenes are found, each "
+                        "gets a caption, a mood and a prompt, and the music changes at the cuts, without a seam.")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=5, min_width=280):
+                    ui.clip_in = gr.Video(label="Your clip", sources=["upload"], elem_id="clip-in", height=240)
+                    ui.clip_keep = gr.Checkbox(False, label="Keep the clip's own sound under the music",
+                                               elem_id="clip-keep")
+                    ui.clip_seed = gr.Number(value=42, precision=0, minimum=0, label="Seed", elem_id="clip-seed")
+                    ui.clip_btn = gr.Button("🎼 Score the video", variant="primary", elem_id="clip-btn")
+                    gr.Examples(examples=[[CLIP_EXAMPLE, 7, False]], inputs=[ui.clip_in, ui.clip_seed, ui.clip_keep],
+                                label="Or try an example clip")
+                with gr.Column(scale=7, min_width=280):
+                    ui.clip_video = gr.Video(label="Scored video", interactive=False, elem_id="clip-video",
+                                              height=360)
+                    ui.clip_download = gr.DownloadButton("Download MP4", visible=False, elem_id="clip-download")
+                    ui.clip_status = gr.Markdown(elem_id="clip-status")
+            ui.clip_parts = gr.Dataframe(headers=PART_HEADERS, value=[], interactive=False, wrap=True,
+                                         label="Each scene's part", elem_id="clip-parts",
+                                          column_widths=PART_WIDTHS)
+            ui.clip_songs = gr.Dataframe(headers=SONG_HEADERS, value=[], interactive=False, wrap=True,
+                                         datatype=SONG_TYPES, label="Songs for the whole clip",
+                                         elem_id="clip-songs", elem_classes=["songs-table"])
 
 
 # -- wiring ----------------------------------------------------------------------------------------------------------
@@ -738,6 +1002,8 @@ def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: S
     line = {"concurrency_limit": settings.queue_size, "concurrency_id": "generate"}
     generate_limits = {**line, **private}
     instant = {"queue": False, **private}
+    # the music of albums and clips waits in the fair line like any other; this bounds the ffmpeg encodes
+    video = {"concurrency_limit": VIDEO_CONCURRENCY, "concurrency_id": "video"}
     analyze_inputs = [ui.image, ui.genre, ui.extra, ui.k]
     with demo:
         # the API first: a private event named like an endpoint would otherwise take its name
@@ -749,6 +1015,8 @@ def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: S
             gr.api(api[name], api_name=name, **line)
         gr.api(api["recommend"], api_name="recommend", concurrency_limit=4, concurrency_id="recommend")
         gr.api(api["status"], api_name="status", queue=False)
+        for name in ("share_video", "album", "video_soundtrack"):
+            gr.api(api[name], api_name=name, **video)
 
         ui.analyze_btn.click(handlers.analyze, analyze_inputs, ui.analyze_outputs, **analyze_limits)
         # a new photo (uploaded, pasted, taken or an example clicked) is analyzed at once; results are cached per
@@ -771,6 +1039,15 @@ def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: S
             table.select(_select_for(handlers, key), [ui.state],
                          [ui.radar, ui.selected_song, ui.spotify_btn], **instant)
         ui.spotify_btn.click(handlers.spotify_player, [ui.selected_song], ui.spotify_html, **instant)
+        ui.share_btn.click(handlers.share_video, [ui.image, ui.clip, ui.share_square, ui.share_title,
+                                                  ui.share_caption, ui.caption],
+                           [ui.share_video, ui.share_download, ui.share_status], **video, **private)
+        ui.album_btn.click(handlers.album, [ui.album_files, ui.album_duration, ui.album_seed, ui.album_square],
+                           [ui.album_video, ui.album_download, ui.album_status, ui.album_parts, ui.album_songs],
+                           **video, **private)
+        ui.clip_btn.click(handlers.video_soundtrack, [ui.clip_in, ui.clip_seed, ui.clip_keep],
+                          [ui.clip_video, ui.clip_download, ui.clip_status, ui.clip_parts, ui.clip_songs],
+                          **video, **private)
         ui.timer.tick(handlers.status, None, [ui.footer, ui.timer, ui.offline_banner], **instant)
         demo.load(handlers.status, None, [ui.footer, ui.timer, ui.offline_banner], **instant)
 
@@ -785,21 +1062,21 @@ def _select_for(handlers: Handlers, which: str):
 
 def refuse_links_in_api_parameters(demo: gr.Blocks) -> None:
     """gr.api builds its parameter blocks itself, so they get the photo box's door (see UploadedImage) per
-    instance."""
+    instance; so do the video and file boxes, which Gradio would otherwise let download a link in the same way."""
     for block in demo.blocks.values():
-        if isinstance(block, ApiParameter):
+        if isinstance(block, (ApiParameter, gr.Video, gr.File)):
             block.async_move_resource_to_block_cache = functools.partial(_refusing_async, block)
             block.move_resource_to_block_cache = functools.partial(_refusing_sync, block)
 
 
 async def _refusing_async(block, url_or_file_path):
     _refuse_link(url_or_file_path)
-    return await ApiParameter.async_move_resource_to_block_cache(block, url_or_file_path)
+    return await type(block).async_move_resource_to_block_cache(block, url_or_file_path)
 
 
 def _refusing_sync(block, url_or_file_path):
     _refuse_link(url_or_file_path)
-    return ApiParameter.move_resource_to_block_cache(block, url_or_file_path)
+    return type(block).move_resource_to_block_cache(block, url_or_file_path)
 
 
 def build_app(settings: Settings | None = None) -> gr.Blocks:

@@ -406,6 +406,40 @@ class Pipeline:
             samples = np.concatenate([read_wav(earlier, sample_rate), samples])
         return write_wav(samples, sample_rate, self.settings.audio_dir)
 
+    # -- video ----------------------------------------------------------------------------------------------------
+    # MP4s go to the audio folder, so the janitor bounds them with the WAVs (age and total size)
+    def share_video(self, image: ImageSource, audio, *, square: bool = False, title: str | None = None,
+                    caption: str | None = None, progress=None, cancel: threading.Event | None = None):
+        """The photo with a slow pan/zoom for the length of `audio` (a WAV path or (samples, rate)), the title and
+        caption over it when given: a shareable MP4 (`media.Rendered`). No music is made here."""
+        from . import media
+
+        self._prune_audio()
+        return media.photo_video(image, audio, self.settings.audio_dir, square=square, title=title,
+                                 caption=caption, limits=media.VideoLimits.from_settings(self.settings),
+                                 progress=progress, cancel=cancel)
+
+    def album(self, images: Sequence[ImageSource], duration_s, seed=0, *, square: bool = False,
+              client: str = "local", progress=None, cancel: threading.Event | None = None):
+        """2–10 photos → a slideshow whose music follows each photo's prompt, moving on at each photo's turn
+        without a cut (`soundtrack.Soundtrack`: the MP4, each photo's caption and prompt, songs for the whole
+        album). The music waits in the fair line as `client`; `progress(fraction, message)`."""
+        from . import soundtrack
+
+        self._prune_audio()
+        return soundtrack.album(self, images, duration_s, seed, square=square, client=client, progress=progress,
+                                cancel=cancel)
+
+    def video_soundtrack(self, video, seed=0, keep_original_audio: bool = False, *, client: str = "local",
+                         progress=None, cancel: threading.Event | None = None):
+        """A clip (a path) with new music that changes at its scene cuts (`soundtrack.Soundtrack`); its own
+        sound dropped or kept under the music. Refuses unusable clips with a message the visitor can act on."""
+        from . import soundtrack
+
+        self._prune_audio()
+        return soundtrack.video_soundtrack(self, video, seed, keep_original_audio, client=client,
+                                           progress=progress, cancel=cancel)
+
     def _prune_audio(self) -> None:
         from .storage import prune_folder
 

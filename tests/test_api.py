@@ -20,7 +20,8 @@ def test_the_page_answers(live_app):
         assert "Picture Soundtrack" in response.read().decode()
 
 
-API = {"/analyze", "/generate", "/stream", "/extend", "/recommend", "/caption", "/status"}
+API = {"/analyze", "/generate", "/stream", "/extend", "/recommend", "/caption", "/status", "/share_video", "/album",
+       "/video_soundtrack"}
 
 
 def test_the_named_endpoints_are_listed(client):
@@ -236,3 +237,143 @@ def test_generate_takes_durations_past_the_models_window(client, pipeline):
     seconds = pipeline.settings.music_window_s + 4.0
     path = client.predict("slowly evolving ambient pads", seconds, 3, api_name="/generate")
     assert sf.info(path).duration == pytest.approx(seconds, abs=0.02)
+
+
+# -- video & album -----------------------------------------------------------------------------------------------
+
+FRAME_S = 1 / 25  # of the videos made from photos
+
+
+def ffmpeg(*args: str) -> None:
+    import subprocess
+
+    subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-v", "error", "-y", *args], check=True,
+                   capture_output=True)
+
+
+def mp4_facts(path) -> dict:
+    import json
+    import subprocess
+
+    out = subprocess.run(["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
+                          str(path)], check=True, capture_output=True).stdout
+    data = json.loads(out)
+    kinds = [s["codec_type"] for s in data["streams"]]
+    return {"format": data["format"]["format_name"], "duration": float(data["format"]["duration"]),
+            "video": kinds.count("video"), "audio": kinds.count("audio"),
+            "codecs": sorted(s["codec_name"] for s in data["streams"])}
+
+
+@pytest.fixture(scope="module")
+def media_inputs(tmp_path_factory) -> dict:
+    """Made with FFmpeg's test sources: a 5 s clip with a cut at 2.5 s, and the files the endpoints must refuse."""
+    folder = tmp_path_factory.mktemp("api-media")
+    paths = {name: folder / name for name in ("clip.mp4", "corrupt.mp4", "truncated.mp4", "sound.m4a",
+                                               "long.mp4", "wide.mp4", "tone.wav", "broken.jpg")}
+    ffmpeg("-f", "lavfi", "-i", "smptebars=s=160x90:r=10:d=2.5",
+           "-f", "lavfi", "-i", "color=c=red:s=160x90:r=10:d=2.5",
+           "-f", "lavfi", "-i", "sine=f=440:d=5", "-filter_complex", "[0:v][1:v]concat=n=2:v=1:a=0[v]",
+           "-map", "[v]", "-map", "2:a", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+           "-c:a", "aac", "-movflags", "+faststart", str(paths["clip.mp4"]))
+    whole = paths["clip.mp4"].read_bytes()
+    paths["truncated.mp4"].write_bytes(whole[:len(whole) // 2])
+    paths["corrupt.mp4"].write_bytes(np.random.default_rng(1).bytes(20_000))
+    ffmpeg("-f", "lavfi", "-i", "sine=d=2", "-c:a", "aac", str(paths["sound.m4a"]))
+    ffmpeg("-f", "lavfi", "-i", "color=s=32x32:r=1:d=61", "-c:v", "libx264", "-preset", "ultrafast",
+           "-pix_fmt", "yuv420p", str(paths["long.mp4"]))
+    ffmpeg("-f", "lavfi", "-i", "color=s=8200x64:r=5:d=0.4", "-c:v", "libx264", "-preset", "ultrafast",
+           "-pix_fmt", "yuv420p", str(paths["wide.mp4"]))
+    t = np.arange(64000) / 32000
+    sf.write(paths["tone.wav"], (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 32000)
+    paths["broken.jpg"].write_bytes(images.truncated_jpeg()[:60] + b"garbage")
+    return paths
+
+
+def test_share_video_is_the_photo_for_the_length_of_the_music(client, media_inputs):
+    path = client.predict(handle_file(EXAMPLE), handle_file(str(media_inputs["tone.wav"])), True, "A title",
+                          "a caption", api_name="/share_video")
+    facts = mp4_facts(path)
+    assert "mp4" in facts["format"] and facts["video"] == 1 and facts["audio"] == 1
+    assert facts["codecs"] == ["aac", "h264"] and abs(facts["duration"] - 2.0) <= FRAME_S + 1e-6
+
+
+def test_album_is_a_slideshow_of_the_asked_length(client):
+    photos = [handle_file("assets/examples/coffee.jpg"), handle_file(EXAMPLE)]
+    path = client.predict(photos, 3.0, 5, api_name="/album")
+    facts = mp4_facts(path)
+    assert facts["video"] == 1 and facts["audio"] == 1 and abs(facts["duration"] - 3.0) <= FRAME_S + 1e-6
+
+
+def test_video_soundtrack_returns_the_clip_with_music(client, media_inputs, pipeline):
+    path = client.predict(handle_file(str(media_inputs["clip.mp4"])), 9, True, api_name="/video_soundtrack")
+    facts = mp4_facts(path)
+    assert facts["video"] == 1 and facts["audio"] == 1 and abs(facts["duration"] - 5.0) <= 0.1
+    assert pipeline.music_line == {"running": 0, "waiting": 0}
+
+
+@pytest.mark.parametrize("endpoint, args, message", [
+    ("/video_soundtrack", ("corrupt.mp4", 1, False), "could not be read as a video"),
+    ("/video_soundtrack", ("truncated.mp4", 1, False), "truncated"),
+    ("/video_soundtrack", ("sound.m4a", 1, False), "is an audio file"),
+    ("/video_soundtrack", ("long.mp4", 1, False), "the limit is 60 s"),
+    ("/video_soundtrack", ("wide.mp4", 1, False), "the limit is 8192 px"),
+    ("/video_soundtrack", (None, 1, False), "No video was given"),
+    ("/video_soundtrack", ("clip.mp4", -1, False), "seed"),
+    ("/album", ([], 6.0, 1), "2 to 10 photos; 0 were given"),
+    ("/album", (["__IMAGE__"] * 11, 20.0, 1), "2 to 10 photos; 11 were given"),
+    ("/album", (["__IMAGE__", "broken.jpg"], 4.0, 1), "photo 2 (broken.jpg)"),
+    ("/album", (["__IMAGE__", "__IMAGE__"], 90.0, 1), "duration_s must be between 1 and 60 seconds"),
+    ("/share_video", ("__IMAGE__", "corrupt.mp4"), "could not be read"),
+    ("/share_video", ("broken.jpg", "tone.wav"), "image"),
+])
+def test_bad_video_inputs_get_clear_messages_and_the_app_keeps_serving(client, media_inputs, pipeline, endpoint,
+                                                                       args, message):
+    def file(value):
+        if value == "__IMAGE__":
+            return handle_file(EXAMPLE)
+        if isinstance(value, str) and value in media_inputs:
+            return handle_file(str(media_inputs[value]))
+        if isinstance(value, list):
+            return [file(v) for v in value]
+        return value
+
+    with pytest.raises(Exception) as info:
+        client.predict(*(file(a) for a in args), api_name=endpoint)
+    assert message in str(info.value), str(info.value)
+    assert "Traceback" not in str(info.value)
+    assert pipeline.music_line == {"running": 0, "waiting": 0}
+    assert client.predict(api_name="/status")["state"] == "ready"
+
+
+def test_background_work_reports_returns_and_raises_on_the_handlers_thread():
+    import threading
+
+    from app import Background
+
+    def work(steps, *, progress, cancel):
+        for k in range(steps):
+            progress((k + 1) / steps, f"step {k + 1}")
+        return "made"
+
+    with Background(work, 3) as job:
+        seen = list(job)
+    assert job.result == "made" and seen[-1] == (1.0, "step 3")
+
+    def failing(*, progress, cancel):
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError, match="bad input"):
+        with Background(failing) as job:
+            list(job)
+
+    started, stopped = threading.Event(), threading.Event()
+
+    def endless(*, progress, cancel):
+        started.set()
+        while not cancel.wait(0.05):
+            progress(0.5, "working")
+        stopped.set()
+
+    with Background(endless) as job:  # the handler leaves early, as when Gradio closes it for a gone visitor
+        next(iter(job))
+    assert started.is_set() and stopped.wait(5)

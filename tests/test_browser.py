@@ -208,3 +208,115 @@ def test_endless_plays_for_a_minute_and_stops(browser, live_app, pipeline, artif
         time.sleep(0.2)
     assert pipeline.music_line == {"running": 0, "waiting": 0}
     page.close()
+
+
+# -- video & album -------------------------------------------------------------------------------------------------
+
+def _ffprobe(path: Path) -> dict:
+    import json
+    import subprocess
+
+    out = subprocess.run(["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
+                          str(path)], check=True, capture_output=True).stdout
+    return json.loads(out)
+
+
+def _open_media_tab(page, live_app, part: str) -> None:
+    page.goto(live_app, wait_until="domcontentloaded")
+    page.get_by_role("tab", name="Video & album").click(timeout=TIMEOUT_MS)
+    page.get_by_role("tab", name=part, exact=True).click(timeout=TIMEOUT_MS)
+
+
+def _fits_the_window(page, width: int) -> None:
+    scroll = page.evaluate("document.documentElement.scrollWidth")
+    assert scroll <= width + 2, f"the page is {scroll}px wide in a {width}px window"
+
+
+def test_an_album_is_made_in_the_video_tab(browser, live_app, artifacts_dir):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    _open_media_tab(page, live_app, "Album")
+    photos = [str(ROOT / "assets" / "examples" / name) for name in ("cat.jpg", "rocket_launch.jpg")]
+    page.locator("#album-files input[type=file]").set_input_files(photos)
+    duration = page.locator("#album-duration input[type=number]")
+    duration.fill("3")
+    duration.press("Enter")
+    page.locator("#album-btn").click()
+    expect(page.locator("#album-status")).to_contain_text("✅", timeout=TIMEOUT_MS)
+    video = page.locator("#album-video video")
+    video.wait_for(timeout=TIMEOUT_MS)
+    assert ".mp4" in (video.get_attribute("src") or "")
+    page.locator('#album-parts [role=row][aria-rowindex="3"]').first.wait_for(timeout=TIMEOUT_MS)
+    assert page.locator("#album-download").is_visible()
+    _fits_the_window(page, 1280)
+    page.screenshot(path=str(artifacts_dir / "album.png"), full_page=True)
+    page.locator("#media-tabs").screenshot(path=str(artifacts_dir / "video-tab-album.png"))
+    page.close()
+
+
+def test_a_clip_is_uploaded_scored_and_downloaded(browser, live_app, artifacts_dir, tmp_path):
+    import subprocess
+
+    from playwright.sync_api import expect
+
+    clip = tmp_path / "my-clip.mp4"
+    subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-v", "error", "-y",
+                    "-f", "lavfi", "-i", "smptebars=s=320x180:r=15:d=2.5",
+                    "-f", "lavfi", "-i", "color=c=red:s=320x180:r=15:d=2.5",
+                    "-filter_complex", "[0:v][1:v]concat=n=2:v=1:a=0[v]", "-map", "[v]", "-c:v", "libx264",
+                    "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(clip)],
+                   check=True, capture_output=True)
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    _open_media_tab(page, live_app, "Score a video")
+    page.locator("#clip-in input[type=file]").set_input_files(str(clip))
+    page.locator("#clip-in video").wait_for(timeout=TIMEOUT_MS)
+    page.locator("#clip-btn").click()
+    expect(page.locator("#clip-status")).to_contain_text("✅", timeout=TIMEOUT_MS)
+    page.locator("#clip-video video").wait_for(timeout=TIMEOUT_MS)
+    # the cut at 2.5 s splits the music in two parts: one row each
+    expect(page.locator("#clip-parts [role=row]")).to_have_count(3, timeout=TIMEOUT_MS)
+    _fits_the_window(page, 1280)
+    page.screenshot(path=str(artifacts_dir / "scored.png"), full_page=True)
+    page.locator("#media-tabs").screenshot(path=str(artifacts_dir / "video-tab-scored.png"))
+    with page.expect_download(timeout=TIMEOUT_MS) as info:
+        page.locator("#clip-download").click()
+    saved = tmp_path / "scored.mp4"
+    info.value.save_as(saved)
+    facts = _ffprobe(saved)
+    kinds = sorted(s["codec_type"] for s in facts["streams"])
+    assert kinds == ["audio", "video"] and abs(float(facts["format"]["duration"]) - 5.0) <= 0.1
+    context.close()
+
+
+def test_share_as_video_is_one_click_after_generate(browser, live_app, artifacts_dir, tmp_path):
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.goto(live_app, wait_until="domcontentloaded")
+    page.locator("#image-input input[type=file]").set_input_files(str(EXAMPLE))
+    expect(page.locator("#prompt textarea")).not_to_have_value("", timeout=TIMEOUT_MS)
+    duration = page.locator("#duration input[type=number]")
+    duration.fill("2")
+    duration.press("Enter")
+    page.locator("#generate-btn").click()
+    page.locator("#download-wav").wait_for(state="visible", timeout=TIMEOUT_MS)
+    page.get_by_role("tab", name="Video & album").click()
+    page.get_by_role("tab", name="Share as video", exact=True).click()
+    page.locator("#share-square input[type=checkbox]").check()
+    page.locator("#share-btn").click()
+    expect(page.locator("#share-status")).to_contain_text("✅", timeout=TIMEOUT_MS)
+    page.locator("#share-video video").wait_for(timeout=TIMEOUT_MS)
+    page.screenshot(path=str(artifacts_dir / "share.png"), full_page=True)
+    page.locator("#media-tabs").screenshot(path=str(artifacts_dir / "video-tab-share.png"))
+    with page.expect_download(timeout=TIMEOUT_MS) as info:
+        page.locator("#share-download").click()
+    saved = tmp_path / "share.mp4"
+    info.value.save_as(saved)
+    facts = _ffprobe(saved)
+    video = next(s for s in facts["streams"] if s["codec_type"] == "video")
+    assert video["width"] == video["height"]  # square, as asked
+    assert abs(float(facts["format"]["duration"]) - 2.0) <= 0.04 + 1e-6
+    context.close()
