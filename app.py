@@ -3,30 +3,40 @@
     python app.py            # the Space UI on http://127.0.0.1:7860 with the real models
     python app.py --demo     # tiny random-weight models built locally: runs with no network
 
-This file is the UI and nothing else: layout and event wiring. Everything it calls lives in `pipeline/`.
+This file is the UI and nothing else: the layout (`build_layout`), the handlers the page calls (`Handlers`), the
+typed API and MCP tools (`Api`), and the wiring between them (`wire`). Everything they call is `pipeline/`'s
+facade, `pipeline.core.Pipeline`.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import html
 import inspect
-import io
 import logging
 import os
 import random
-import wave
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import gradio as gr
-import numpy as np
 import plotly.graph_objects as go
+from gradio.components.api_component import Api as ApiParameter
+from gradio.data_classes import FileData
 
-from pipeline.core import get_pipeline
-from pipeline.errors import UserFacingError
-from pipeline.features import RANGES
+from pipeline.audio import wav_bytes
+from pipeline.components import missing_models_message, status_report
+from pipeline.core import Pipeline, get_pipeline
+from pipeline.errors import Cancelled, ComponentLoading, ComponentUnavailable, UserFacingError
+from pipeline.features import BOUNDS
+from pipeline.mood import MoodResult
+from pipeline.music import Sampling
 from pipeline.prompt import GENRES
 from pipeline.settings import Settings
+from pipeline.url_fetch import refuse_remote_path
 
 try:  # ZeroGPU: model calls borrow a GPU for their duration; elsewhere spaces.GPU is a no-op
     import spaces
@@ -39,21 +49,42 @@ except ImportError:  # pragma: no cover - spaces is in requirements.txt
 ASSETS = Path(__file__).resolve().parent / "assets"
 EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*.jpg"))
 SONG_HEADERS = ["#", "Song", "Artist", "Year", "Genre", "Score", "Why"]
+SONG_TYPES = ["number", "markdown", "str", "str", "str", "number", "str"]
+SONG_LISTS = (("features", "By sound", "songs-features"), ("lyrics", "By lyrics", "songs-lyrics"),
+              ("fused", "Best of both", "songs-fused"))
 RADAR_AXES = ("valence", "energy", "danceability", "acousticness", "instrumentalness", "speechiness", "liveness",
               "tempo", "loudness")
 RADAR_LABELS = {"danceability": "dance", "acousticness": "acoustic", "instrumentalness": "instrumental",
                 "speechiness": "speech", "liveness": "live", "loudness": "loud"}
-RADAR_BOUNDS = {"tempo": (50.0, 200.0), "loudness": (-30.0, 0.0)}
+SPOTIFY_ID = re.compile(r"[A-Za-z0-9]{22}")
+# ZeroGPU lends a GPU for a declared time: model start-up plus a few seconds per second of music, capped
+ZERO_GPU_BASE_S, ZERO_GPU_PER_AUDIO_S, ZERO_GPU_MAX_S = 20, 4, 300
+DEFAULT_SAMPLING = Sampling()
+LINE_POLL_S = 0.5  # how often a request waiting for the music engine yields (and so notices a gone client)
 log = logging.getLogger("app")
 
 
 class UploadedImage(gr.Image):
     """gr.Image that hands the uploaded file to the pipeline undecoded, so that a corrupt or oversized image gets
-    the pipeline's clear message (UI and API alike) instead of a decoding error inside Gradio."""
+    the pipeline's clear message (UI and API alike) instead of a decoding error inside Gradio.
 
-    is_template = True  # renders with the stock Image frontend
+    It also refuses file paths that are links: Gradio downloads a file input whose path is an http(s) URL (in
+    `async_move_resource_to_block_cache`, before `preprocess`) with no size cap and only a per-read timeout.
+    Photos from links go through `image_url` and the app's own fetcher (pipeline.url_fetch)."""
+
+    is_template = True  # renders with the stock Image frontend (Gradio names it after the direct base class)
+
+    async def async_move_resource_to_block_cache(self, url_or_file_path):
+        _refuse_link(url_or_file_path)
+        return await super().async_move_resource_to_block_cache(url_or_file_path)
+
+    def move_resource_to_block_cache(self, url_or_file_path):
+        _refuse_link(url_or_file_path)
+        return super().move_resource_to_block_cache(url_or_file_path)
 
     def preprocess(self, payload):
+        if payload is not None:
+            _refuse_link(getattr(payload, "path", None))
         if payload is not None and getattr(payload, "path", None) and not str(payload.url or "").startswith("data:"):
             return str(payload.path)
         try:
@@ -61,6 +92,13 @@ class UploadedImage(gr.Image):
         except Exception:
             raise gr.Error("The image could not be read. Upload a JPEG, PNG, WebP or GIF photo.",
                            print_exception=False) from None
+
+
+def _refuse_link(path) -> None:
+    try:
+        refuse_remote_path(path)
+    except UserFacingError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
 
 
 # -- error handling ------------------------------------------------------------------------------------------------
@@ -95,6 +133,18 @@ def friendly(fn):
     return wrapper
 
 
+def user_error(message: str) -> gr.Error:
+    return gr.Error(message, print_exception=False)
+
+
+def gpu_seconds(prompt=None, duration_s=None, *args, **kwargs) -> int:
+    """ZeroGPU's time budget for one generation request (same arguments as the call it decorates)."""
+    try:
+        return int(min(ZERO_GPU_MAX_S, ZERO_GPU_BASE_S + ZERO_GPU_PER_AUDIO_S * float(duration_s)))
+    except (TypeError, ValueError):
+        return ZERO_GPU_MAX_S
+
+
 # -- presentation helpers ------------------------------------------------------------------------------------------
 
 def song_rows(songs) -> list[list]:
@@ -102,9 +152,16 @@ def song_rows(songs) -> list[list]:
     for rank, song in enumerate(songs, start=1):
         d = song if isinstance(song, dict) else song.to_dict()
         title = _escape_markdown(d["title"])
-        link = f"[{title}]({d['spotify_url']})" if d.get("spotify_url") else title
+        link = f"[{title}]({d['spotify_url']})" if spotify_id(d) else title
         rows.append([rank, link, d["artist"], d["year"] or "", d["genre"], round(d["score"], 3), d["why"]])
     return rows
+
+
+def spotify_id(song: dict | None) -> str | None:
+    """The song's Spotify id if it has the shape Spotify uses (22 base-62 characters), else None: whatever a
+    rebuilt catalog holds, only such an id ever reaches a link or the embedded player."""
+    value = (song or {}).get("spotify_id") or ""
+    return value if SPOTIFY_ID.fullmatch(value) else None
 
 
 def _escape_markdown(text: str) -> str:
@@ -114,7 +171,7 @@ def _escape_markdown(text: str) -> str:
 def _radar_value(name: str, value) -> float | None:
     if value is None:
         return None
-    lo, hi = RADAR_BOUNDS.get(name, RANGES[name])
+    lo, hi = BOUNDS[name]
     return float(min(1.0, max(0.0, (value - lo) / (hi - lo))))
 
 
@@ -136,19 +193,7 @@ def radar(features: dict | None, song: dict | None = None) -> go.Figure:
     return figure
 
 
-def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
-    """A streamed chunk as 16-bit WAV bytes (Gradio passes bytes through untouched, so loudness stays ours)."""
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as handle:
-        handle.setnchannels(1 if pcm.ndim == 1 else pcm.shape[1])
-        handle.setsampwidth(2)
-        handle.setframerate(sample_rate)
-        handle.writeframes(pcm.tobytes())
-    return buffer.getvalue()
-
-
-def status_markdown(pipe, settings: Settings) -> str:
+def status_markdown(pipe: Pipeline, settings: Settings) -> str:
     icons = {"ready": "✅", "loading": "⏳", "waiting": "…", "failed": "⚠️"}
     lines = ["| part | state | details |", "|---|---|---|"]
     for item in pipe.status():
@@ -166,93 +211,178 @@ def limits_markdown(settings: Settings) -> str:
             f"megapixels (bigger photos are downscaled to {settings.max_image_side} px before the models see them); "
             f"prompts up to {settings.max_prompt_chars} characters (longer ones are cut, with a notice); clips "
             f"{settings.min_duration_s:g}–{settings.max_duration_s:g} s; up to {settings.max_k} songs per list. "
-            "Photos are processed in memory and not kept; generated clips are deleted after "
-            f"{settings.temp_max_age_s // 60} minutes. Song previews load Spotify only when you ask for them.")
+            f"**Privacy.** Photos are analyzed in memory; the uploaded file stays on the server for at most "
+            f"{settings.upload_max_age_s // 60} minutes (so that Analyze can run again) and is then deleted, as are "
+            f"generated clips after {settings.temp_max_age_s // 60} minutes. A photo link is fetched once, from "
+            "public addresses only. Song previews load Spotify only when you ask for them.")
 
 
-# -- the app ---------------------------------------------------------------------------------------------------------
+def _sampling(temperature, top_k, top_p, guidance) -> dict:
+    return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "guidance_scale": guidance}
 
-def build_app(settings: Settings | None = None):
-    settings = settings or Settings.from_env()
-    pipe = get_pipeline(settings)
 
-    # ---- handlers (thin: validation and work happen in the pipeline) ----
+def keep_place(ticket) -> None:
+    """Tell the fair line this request is still being read; one whose place was reclaimed (its reader vanished
+    for longer than the lease) stops here."""
+    if ticket.expired:
+        raise Cancelled("This request was dropped: nothing read its music for too long.")
+    ticket.touch()
+
+
+def line_status(position: int) -> str:
+    ahead = position - 1
+    return (f"⏳ In line for the music engine: {ahead} request{'s' if ahead != 1 else ''} ahead of yours. "
+            "It starts by itself; keep this page open.")
+
+
+def client_id(request: gr.Request | None, trusted_proxies: int = 1) -> str:
+    """Who is asking, for the fair line. Behind `trusted_proxies` proxies (a Space has one) the client's address is
+    the one the outermost of them appended to X-Forwarded-For — hops further left were written by the client and
+    could be forged; without the header, the socket's peer."""
+    if request is None:
+        return "local"
+    forwarded = (request.headers or {}).get("x-forwarded-for", "")
+    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    if hops and trusted_proxies > 0:
+        return hops[-min(trusted_proxies, len(hops))]
+    return getattr(request.client, "host", None) or "unknown"
+
+
+def notes_markdown(notes) -> str:
+    return "\n".join(f"- {n}" for n in notes)
+
+
+def _file_path(value) -> str | None:
+    """An API file argument (FileData, its dict form or a plain path) → the server-side path Gradio stored."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value.get("path")
+    return getattr(value, "path", None) or str(value)
+
+
+# -- handlers: what the page calls ---------------------------------------------------------------------------------
+
+class Handlers:
+    """The page's event handlers. Thin: validation and work happen in the pipeline."""
+
+    def __init__(self, pipe: Pipeline, settings: Settings):
+        self.pipe, self.settings = pipe, settings
+
     @gpu(duration=60)
-    def _analyze(image_path, genre, extra, k, caption=None):
-        return pipe.analyze(image_path, k=k, genre=genre or None, extra=extra or None, caption=caption)
+    def run_analyze(self, image_path, genre, extra, k, caption=None):
+        return self.pipe.analyze(image_path, k=k, genre=genre or None, extra=extra or None, caption=caption)
 
     @friendly
-    def on_analyze(image_path, genre, extra, k, progress=gr.Progress()):
+    def analyze(self, image_path, genre, extra, k, progress=gr.Progress()):
         if not image_path:
-            raise gr.Error("Add a photo first: upload one, paste it, use the webcam, or pick an example.",
-                           print_exception=False)
+            raise user_error("Add a photo first: upload one, paste it, use the webcam, or pick an example.")
         progress(0.1, desc="Reading the photo")
-        analysis = _analyze(image_path, genre, extra, k)
+        try:
+            analysis = self.run_analyze(image_path, genre, extra, k)
+        except (ComponentUnavailable, ComponentLoading) as exc:
+            # one clear message where the notes go (the banner says the rest), not an error badge on every output
+            return tuple(gr.skip() for _ in AnalyzeView.FIELDS[:-2]) + (f"⚠️ {exc}", gr.skip())
         result = analysis.to_dict()
         state = {"features": result["features"], "emotion": result["emotion"], "prompt": result["prompt"],
-                 "caption": result["caption"], "lists": {
-                     "features": result["songs_by_features"], "lyrics": result["songs_by_lyrics"],
-                     "fused": result["songs_fused"]}, "mood": result}
-        notes = "\n".join(f"- {n}" for n in analysis.notes)
-        return (result["caption"], result["emotion_scores"], radar(result["features"]), result["prompt"],
-                song_rows(analysis.songs_by_features), song_rows(analysis.songs_by_lyrics),
-                song_rows(analysis.songs_fused), notes, state)
-
-    def on_new_image(image_path, genre, extra, k, progress=gr.Progress()):
-        if not image_path:  # the photo was cleared
-            return tuple(gr.skip() for _ in range(9))
-        return on_analyze(image_path, genre, extra, k, progress)
+                 "caption": result["caption"], "mood": result,
+                 "lists": {"features": result["songs_by_features"], "lyrics": result["songs_by_lyrics"],
+                           "fused": result["songs_fused"]}}
+        return AnalyzeView(caption=result["caption"], emotion=result["emotion_scores"],
+                           radar=radar(result["features"]), prompt=result["prompt"],
+                           features=song_rows(analysis.songs_by_features),
+                           lyrics=song_rows(analysis.songs_by_lyrics), fused=song_rows(analysis.songs_fused),
+                           notes=notes_markdown(analysis.notes), state=state).values()
 
     @friendly
-    def on_regenerate_songs(caption, prompt_text, genre, extra, k, state):
-        if not state:
-            raise gr.Error("Analyze a photo first, then edit its caption or prompt.", print_exception=False)
-        from pipeline.mood import MoodResult
+    def fetch_link(self, url):
+        """The photo behind a link, shown in the photo box; its change event then analyzes it like an upload."""
+        if not (url or "").strip():
+            raise user_error("Paste a link to a photo first (https://…).")
+        return self.pipe.load_image_url(url).image
 
+    def new_image(self, image_path, genre, extra, k, progress=gr.Progress()):
+        if not image_path:  # the photo was cleared
+            return tuple(gr.skip() for _ in AnalyzeView.FIELDS)
+        return self.analyze(image_path, genre, extra, k, progress)
+
+    @friendly
+    def regenerate_songs(self, caption, prompt_text, genre, extra, k, state):
+        if not state:
+            raise user_error("Analyze a photo first, then edit its caption or prompt.")
         m = state["mood"]
         mood = MoodResult(features=m["features"], emotion=m["emotion"], confidence=m["confidence"],
                           emotion_scores=m["emotion_scores"], predictor=m["mood_predictor"])
-        by_features, by_lyrics, fused, notes = pipe.songs_for_text(caption, mood, k=k)
+        by_features, by_lyrics, fused, notes = self.pipe.songs_for_text(caption, mood, k=k)
         # the prompt follows the edited caption unless the user rewrote the prompt themselves
         if (prompt_text or "").strip() == (state.get("prompt") or "").strip():
-            prompt_text = pipe.prompt(caption, mood, genre=genre or None, extra=extra or None).text
+            prompt_text = self.pipe.prompt(caption, mood, genre=genre or None, extra=extra or None).text
         state = {**state, "caption": caption, "prompt": prompt_text,
                  "lists": {"features": [s.to_dict() for s in by_features], "lyrics": [s.to_dict() for s in by_lyrics],
                            "fused": [s.to_dict() for s in fused]}}
-        return (prompt_text, song_rows(by_features), song_rows(by_lyrics), song_rows(fused),
-                "\n".join(f"- {n}" for n in notes), state)
+        return (prompt_text, song_rows(by_features), song_rows(by_lyrics), song_rows(fused), notes_markdown(notes),
+                state)
 
-    def _gpu_seconds(prompt, duration_s, *args, **kwargs):
-        try:
-            return int(min(300, 20 + 4 * float(duration_s)))
-        except (TypeError, ValueError):
-            return 60
-
-    @gpu(duration=_gpu_seconds)
-    def _stream(prompt, duration_s, seed, temperature, top_k, top_p, guidance):
-        yield from pipe.stream(prompt, duration_s, seed, temperature=temperature, top_k=top_k, top_p=top_p,
-                               guidance_scale=guidance)
+    @gpu(duration=gpu_seconds)
+    def run_stream(self, prompt, duration_s, seed, sampling, endless=False, continue_from=None):
+        yield from self.pipe.stream(prompt, duration_s, seed, endless=endless, continue_from=continue_from,
+                                    **sampling)
 
     @friendly
-    def on_generate(prompt, duration_s, seed, temperature, top_k, top_p, guidance):
-        request, truncated = pipe.music_request(prompt, duration_s, seed, temperature, top_k, top_p, guidance)
-        note = f" (prompt cut to {settings.max_prompt_chars} characters)" if truncated else ""
-        if truncated:
-            gr.Warning(f"The prompt was cut to {settings.max_prompt_chars} characters.")
-        yield None, gr.update(visible=False, value=None), f"⏳ Starting… seed {request.seed}{note}"
-        parts, rate = [], None
-        for chunk in _stream(prompt, duration_s, seed, temperature, top_k, top_p, guidance):
-            parts.append(chunk.samples)
-            rate = chunk.sample_rate
-            made = chunk.start_s + chunk.samples.shape[0] / chunk.sample_rate
-            speed = made / chunk.elapsed_s if chunk.elapsed_s else 0.0
-            yield (wav_bytes(chunk.samples, chunk.sample_rate), gr.skip(),
-                   f"🎶 {made:.1f} / {request.duration_s:g} s · {speed:.2f}× real time{note}")
-        path = pipe.save_audio(np.concatenate(parts), rate)
-        yield gr.skip(), gr.update(visible=True, value=str(path)), \
-            f"✅ Done: {request.duration_s:g} s, seed {request.seed}. Download the WAV below.{note}"
+    def generate(self, prompt, duration_s, seed, temperature, top_k, top_p, guidance, endless, clip,
+                 request: gr.Request):
+        yield from self._music(prompt, duration_s, seed, _sampling(temperature, top_k, top_p, guidance), endless,
+                               None, request)
 
-    def on_select_song(state, which, evt: gr.SelectData):
+    @friendly
+    def extend(self, prompt, duration_s, seed, temperature, top_k, top_p, guidance, endless, clip,
+               request: gr.Request):
+        """Continue the last clip by the chosen duration (or endlessly); a prompt edited since moves the music
+        toward it, without a cut."""
+        if not clip:
+            raise user_error("Make a clip first (Generate music), then extend it.")
+        yield from self._music(prompt, duration_s, seed, _sampling(temperature, top_k, top_p, guidance), endless,
+                               clip, request)
+
+    def _music(self, prompt, duration_s, seed, sampling, endless, clip, request):
+        continue_from = clip["id"] if clip else None
+        if clip and (prompt or "").strip() == clip["prompt"]:
+            prompt = None  # unchanged: the clip goes on with its own prompt
+        music, truncated = self.pipe.music_request(prompt, duration_s, seed, endless=endless,
+                                                   continue_from=continue_from, **sampling)
+        limit = self.settings.max_prompt_chars
+        note = f" (prompt cut to {limit} characters)" if truncated else ""
+        if truncated:
+            gr.Warning(f"The prompt was cut to {limit} characters.")
+        hidden = gr.update(visible=False, value=None)
+        with self.pipe.music_ticket(client_id(request, self.settings.trusted_proxies)) as ticket:
+            # waiting is a loop of yields: a visitor who leaves the page is dropped from the line at once
+            while not ticket.wait(LINE_POLL_S):
+                yield None, hidden, line_status(ticket.position), gr.skip()
+            try:
+                yield None, hidden, f"⏳ Starting… seed {music.seed}{note}", gr.skip()
+                parts, rate, clip_id = [], None, ""
+                for chunk in self.run_stream(prompt, duration_s, seed, sampling, endless, continue_from):
+                    keep_place(ticket)
+                    parts.append(chunk.samples)
+                    rate, clip_id = chunk.sample_rate, chunk.clip_id
+                    made = chunk.start_s + chunk.samples.shape[0] / chunk.sample_rate
+                    speed = made / chunk.elapsed_s if chunk.elapsed_s else 0.0
+                    length = "endless, Stop ends it" if endless else f"{music.duration_s:g} s"
+                    yield (wav_bytes(chunk.samples, chunk.sample_rate), gr.skip(),
+                           f"🎶 {made:.1f} s / {length} · {speed:.2f}× real time{note}", gr.skip())
+            except (ComponentUnavailable, ComponentLoading) as exc:
+                yield None, hidden, f"⚠️ {exc}", gr.skip()
+                return
+        # the download holds the whole piece: an extension is appended to the clip it continues
+        path = self.pipe.save_audio(parts, rate, after=clip["wav"] if clip else None)
+        made = sum(part.shape[0] for part in parts) / rate
+        what = f"extended by {made:.1f} s" if clip else f"{made:.1f} s"
+        clip = {"id": clip_id, "prompt": music.prompt, "wav": str(path)}
+        yield (gr.skip(), gr.update(visible=True, value=str(path)),
+               f"✅ Done: {what}, seed {music.seed}. Download the WAV below, or Extend it.{note}", clip)
+
+    def select_song(self, state, which, evt: gr.SelectData):
         if not state or evt is None:
             return gr.skip(), None, gr.update(visible=False)
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
@@ -261,208 +391,435 @@ def build_app(settings: Settings | None = None):
             return gr.skip(), None, gr.update(visible=False)
         song = songs[row]
         label = f"▶ Play “{song['title']}” on Spotify (loads open.spotify.com)"
-        return radar(state["features"], song), song, gr.update(visible=bool(song.get("spotify_id")), value=label)
+        return radar(state["features"], song), song, gr.update(visible=spotify_id(song) is not None, value=label)
 
-    def on_spotify(song):
-        if not song or not song.get("spotify_id"):
+    @staticmethod
+    def spotify_player(song):
+        track = spotify_id(song)
+        if track is None:
             return ""
-        return (f'<iframe title="Spotify player" src="https://open.spotify.com/embed/track/{song["spotify_id"]}" '
-                'height="152" allow="encrypted-media" loading="lazy"></iframe>')
+        src = html.escape(f"https://open.spotify.com/embed/track/{track}", quote=True)
+        return (f'<iframe title="Spotify player" src="{src}" height="152" allow="encrypted-media" loading="lazy" '
+                'sandbox="allow-scripts allow-same-origin allow-popups"></iframe>')
 
-    def on_status():
-        ready = all(item.state in ("ready", "failed") for item in pipe.status())
-        return status_markdown(pipe, settings), gr.Timer(active=not ready)
+    def status(self):
+        statuses = self.pipe.status()
+        ready = all(item.state in ("ready", "failed") for item in statuses)
+        banner = missing_models_message(statuses)
+        return (status_markdown(self.pipe, self.settings), gr.Timer(active=not ready),
+                gr.update(value=f"⚠️ {banner}" if banner else "", visible=bool(banner)))
 
-    # ---- API-only handlers ----
+
+@dataclass
+class AnalyzeView:
+    """What an Analyze fills in on the page, in the order of `Layout.analyze_outputs`."""
+
+    FIELDS = ("caption", "emotion", "radar", "prompt", "features", "lyrics", "fused", "notes", "state")
+    caption: object
+    emotion: object
+    radar: object
+    prompt: object
+    features: object
+    lyrics: object
+    fused: object
+    notes: object
+    state: object
+
+    def values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.FIELDS)
+
+
+# -- the API and MCP tools -------------------------------------------------------------------------------------------
+
+def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
+    """The typed endpoints (`gr.api`): names, parameters, defaults and descriptions come from these signatures and
+    docstrings, for `gradio_client`, the "Use via API" page and MCP clients alike."""
+
     @friendly
-    def api_analyze(image, k=10, genre="", extra=""):
-        """Caption, mood (emotion, confidence, 13 audio features), music prompt and three song lists for a photo."""
-        return _analyze(image, genre, extra, k).to_dict()
+    def analyze(image: FileData | None = None, k: int = 10, genre: str = "", extra: str = "",
+                image_url: str = "") -> dict:
+        """Caption, mood (emotion, confidence, 13 audio features), music prompt and three song lists for a photo.
+
+        Args:
+            image: the photo (JPEG, PNG, WebP or GIF); or leave it empty and give image_url.
+            k: songs per list, 1 to the app's limit (50 by default).
+            genre: a genre for the music prompt instead of the one chosen from the mood (empty = from the mood).
+            extra: words to add to the music prompt, e.g. "with a cello solo".
+            image_url: a public http(s) link to the photo, instead of image.
+        """
+        # the link is fetched here, outside the GPU-decorated call: a slow server never holds a GPU slot
+        source = pipe.image_from(_file_path(image), image_url)
+        return handlers.run_analyze(source, genre, extra, k).to_dict()
 
     @friendly
-    def api_caption(image):
-        """The BLIP caption of a photo."""
-        return pipe.caption(image)
+    def caption(image: FileData | None = None, image_url: str = "") -> str:
+        """The BLIP caption of a photo.
 
-    @gpu(duration=_gpu_seconds)
-    def _generate_file(prompt, duration_s, seed, temperature, top_k, top_p, guidance):
-        return pipe.generate(prompt, duration_s, seed, temperature=temperature, top_k=top_k, top_p=top_p,
-                             guidance_scale=guidance)
+        Args:
+            image: the photo (JPEG, PNG, WebP or GIF); or leave it empty and give image_url.
+            image_url: a public http(s) link to the photo, instead of image.
+        """
+        return pipe.caption(pipe.image_from(_file_path(image), image_url))
 
-    @friendly
-    def api_generate(prompt, duration_s=8.0, seed=0, temperature=1.0, top_k=250, top_p=0.0, guidance_scale=3.0):
-        """A WAV file of music for a text prompt."""
-        _, truncated = pipe.music_request(prompt, duration_s, seed, temperature, top_k, top_p, guidance_scale)
+    @gpu(duration=gpu_seconds)
+    def _chunks(prompt, duration_s, seed, sampling, endless=False, continue_from=None):
+        yield from pipe.stream(prompt, duration_s, seed, endless=endless, continue_from=continue_from, **sampling)
+
+    def _in_line(request, make_chunks, per_chunk):
+        """Wait in the fair line, then run the chunks: a generator that yields while it waits and works, so that
+        Gradio can drop it (freeing its place and its compute) as soon as the caller disconnects."""
+        with pipe.music_ticket(client_id(request, settings.trusted_proxies)) as ticket:
+            while not ticket.wait(LINE_POLL_S):
+                yield None
+            for chunk in make_chunks():
+                keep_place(ticket)
+                yield per_chunk(chunk)
+
+    def _checked(prompt, duration_s, seed, sampling, **kwargs):
+        _, truncated = pipe.music_request(prompt, duration_s, seed, **kwargs, **sampling)
         if truncated:
             gr.Warning(f"The prompt was cut to {settings.max_prompt_chars} characters.")
-        return str(_generate_file(prompt, duration_s, seed, temperature, top_k, top_p, guidance_scale).wav_path)
 
     @friendly
-    def api_recommend(text, k=10, features=None):
-        """Songs whose lyrics match free text; with `features` (13 audio features), also by features and fused."""
-        if isinstance(features, str) and features.strip():
+    def generate(prompt: str, duration_s: float = settings.default_duration_s, seed: int = 0,
+                 temperature: float = DEFAULT_SAMPLING.temperature, top_k: int = DEFAULT_SAMPLING.top_k,
+                 top_p: float = DEFAULT_SAMPLING.top_p, guidance_scale: float = DEFAULT_SAMPLING.guidance_scale,
+                 request: gr.Request = None) -> Iterator[FileData | None]:
+        """A WAV file (32 kHz, 16-bit, loudness-normalised) of original music for a text prompt.
+
+        Args:
+            prompt: what the music should sound like, e.g. the prompt /analyze returns.
+            duration_s: length in seconds, within the app's limits (1–300 by default; past 30 s the music goes on
+                window by window without a seam).
+            seed: a whole number; the same seed, prompt and settings give the same audio.
+            temperature: sampling temperature (< 1 safer, > 1 more adventurous).
+            top_k: draw among the k most likely codes (0 = off).
+            top_p: nucleus sampling threshold (0 = off).
+            guidance_scale: classifier-free guidance, how strongly the prompt steers (1 = off).
+        """
+        sampling = _sampling(temperature, top_k, top_p, guidance_scale)
+        _checked(prompt, duration_s, seed, sampling)
+        parts, rate = [], []
+        for _ in _in_line(request, lambda: _chunks(prompt, duration_s, seed, sampling),
+                          lambda chunk: (parts.append(chunk.samples), rate.append(chunk.sample_rate))):
+            yield None  # `predict` returns the final file
+        yield FileData(path=str(pipe.save_audio(parts, rate[-1])))
+
+    def _streamed(make_chunks, request):
+        """Chunk events for /stream and /extend: each a small WAV; the last also carries the whole clip's WAV and
+        its clip_id, which /extend continues."""
+        parts = []
+
+        def event(chunk):
+            parts.append(chunk.samples)
+            item = {"clip_id": chunk.clip_id, "index": chunk.index, "start_s": round(chunk.start_s, 3),
+                    "seconds": round(chunk.samples.shape[0] / chunk.sample_rate, 3), "is_last": chunk.is_last,
+                    "audio": FileData(path=str(pipe.save_audio([chunk.samples], chunk.sample_rate)))}
+            if chunk.is_last:
+                item["wav"] = FileData(path=str(pipe.save_audio(parts, chunk.sample_rate)))
+            return item
+
+        for item in _in_line(request, make_chunks, event):
+            if item is not None:
+                yield item
+
+    @friendly
+    def stream(prompt: str, duration_s: float = settings.default_duration_s, seed: int = 0,
+               temperature: float = DEFAULT_SAMPLING.temperature, top_k: int = DEFAULT_SAMPLING.top_k,
+               top_p: float = DEFAULT_SAMPLING.top_p, guidance_scale: float = DEFAULT_SAMPLING.guidance_scale,
+               endless: bool = False, request: gr.Request = None) -> Iterator[dict]:
+        """Music streamed while it is made, for `client.submit(..., api_name="/stream")`: one event per chunk
+        (the first after about half a second of audio, then one per second) with `audio` (that chunk's WAV),
+        `clip_id`, `index`, `start_s`, `seconds` and `is_last`; the last event also has `wav`, the whole clip.
+
+        Args:
+            prompt: what the music should sound like.
+            duration_s: length in seconds (ignored when endless).
+            seed: a whole number; the same seed, prompt and settings give the same audio.
+            temperature: sampling temperature.
+            top_k: draw among the k most likely codes (0 = off).
+            top_p: nucleus sampling threshold (0 = off).
+            guidance_scale: classifier-free guidance (1 = off).
+            endless: keep streaming until the job is cancelled (at most the app's endless limit).
+        """
+        sampling = _sampling(temperature, top_k, top_p, guidance_scale)
+        _checked(prompt, duration_s, seed, sampling, endless=endless)
+        yield from _streamed(lambda: _chunks(prompt, duration_s, seed, sampling, endless), request)
+
+    @friendly
+    def extend(clip_id: str, duration_s: float = settings.default_duration_s, prompt: str = "", seed: int = 0,
+               temperature: float = DEFAULT_SAMPLING.temperature, top_k: int = DEFAULT_SAMPLING.top_k,
+               top_p: float = DEFAULT_SAMPLING.top_p, guidance_scale: float = DEFAULT_SAMPLING.guidance_scale,
+               endless: bool = False, request: gr.Request = None) -> Iterator[dict]:
+        """Continue a clip that /stream or /extend returned (its `clip_id`) by `duration_s` seconds, streamed like
+        /stream: the music goes on from where the clip ended, without a seam. A new `prompt` moves it toward
+        another mood (empty = the clip's own prompt). The app keeps the last 16 clips extendable.
+
+        Args:
+            clip_id: the clip_id of a clip's last event from /stream or /extend.
+            duration_s: how many seconds to add (ignored when endless).
+            prompt: a new description to move toward, or empty to keep the clip's.
+            seed: a whole number; the same seed and settings give the same continuation.
+            temperature: sampling temperature.
+            top_k: draw among the k most likely codes (0 = off).
+            top_p: nucleus sampling threshold (0 = off).
+            guidance_scale: classifier-free guidance (1 = off).
+            endless: keep streaming until the job is cancelled.
+        """
+        sampling = _sampling(temperature, top_k, top_p, guidance_scale)
+        _checked(prompt or None, duration_s, seed, sampling, endless=endless, continue_from=clip_id)
+        yield from _streamed(lambda: _chunks(prompt or None, duration_s, seed, sampling, endless, clip_id), request)
+
+    @friendly
+    def recommend(text: str = "", k: int = 10, features: dict | list | str | None = None) -> dict:
+        """Real songs whose lyrics match free text; with audio features, also songs that sound alike and a fused list.
+
+        Args:
+            text: what the songs should be about, e.g. "driving through the city at night".
+            k: songs per list, 1 to the app's limit (50 by default).
+            features: optional audio features in Spotify units: an object such as {"valence": 0.3, "energy": 0.8}
+                (any subset of the 13) or a list of all 13 numbers.
+        """
+        if isinstance(features, str):
             import json
 
             try:
-                features = json.loads(features)
+                features = json.loads(features) if features.strip() else None
             except ValueError:
-                raise gr.Error("features must be a JSON object of audio features or a list of 13 numbers.",
-                               print_exception=False) from None
+                raise user_error("features must be a JSON object of audio features or a list of 13 numbers.") \
+                    from None
         lists = pipe.recommend(text, k=k, features=features or None)
         result = {name: [s.to_dict() for s in songs] for name, songs in lists.items()}
-        if len((text or "").strip()) > settings.max_prompt_chars:
+        if pipe.clean_text(text)[1]:
             result["notes"] = [f"The text was cut to {settings.max_prompt_chars} characters."]
         return result
 
-    # ---- layout ----
-    with gr.Blocks(title="Picture Soundtrack", delete_cache=(600, settings.temp_max_age_s),
-                   analytics_enabled=False) as demo:
+    def status() -> dict:
+        """The app's health, for uptime monitors and embedding sites: overall state (ready, loading or degraded),
+        mode and device; per part its state, source (local, package, cache, Hub, demo), load time, weights format,
+        self-check figures and download progress; the catalog's counts; the music line (running and waiting
+        requests). Never shows a token or a path outside the app."""
+        runtime = pipe.runtime
+        line = pipe.music_line
+        report = status_report(pipe.status(), settings, device=runtime.device if runtime else None,
+                               queue_length=line["waiting"])
+        report["music_line"] = line
+        return report
+
+    return {"analyze": analyze, "caption": caption, "generate": generate, "stream": stream, "extend": extend,
+            "recommend": recommend, "status": status}
+
+
+# -- layout ----------------------------------------------------------------------------------------------------------
+
+class Layout:
+    """The page's components, built by `build_layout`, named so that the wiring reads as sentences."""
+
+    @property
+    def analyze_outputs(self) -> list:
+        return [getattr(self, name) if name not in ("features", "lyrics", "fused") else self.tables[name]
+                for name in AnalyzeView.FIELDS]
+
+    @property
+    def generate_inputs(self) -> list:
+        return [self.prompt, self.duration, self.seed, self.temperature, self.top_k, self.top_p, self.guidance,
+                self.endless, self.clip]
+
+    @property
+    def generate_outputs(self) -> list:
+        return [self.audio_out, self.download, self.gen_status, self.clip]
+
+
+def _slider(name: str, label: str, elem_id: str) -> gr.Slider:
+    r = Sampling.RANGES[name]
+    return gr.Slider(r.low, r.high, value=getattr(DEFAULT_SAMPLING, name), step=r.step, label=label, elem_id=elem_id)
+
+
+def build_layout(pipe: Pipeline, settings: Settings) -> tuple[gr.Blocks, Layout]:
+    ui = Layout()
+    with gr.Blocks(title="Picture Soundtrack", analytics_enabled=False) as demo:
         gr.Markdown("# 🎵 Picture Soundtrack\nDrop in a photo: get its caption and mood, an original music clip "
                     "made for it, and real songs that match — by sound and by lyrics.", elem_id="app-title")
         gr.Markdown("⚠️ **Demo mode**: captions and music come from tiny *random-weight* models built offline, so "
                     "they are noise by design. Mood features, song search and the whole interface are real.",
                     elem_id="demo-banner", visible=settings.demo)
-        state = gr.State(None)
-        selected_song = gr.State(None)
+        ui.offline_banner = gr.Markdown(visible=False, elem_id="offline-banner")
+        ui.state = gr.State(None)
+        ui.selected_song = gr.State(None)
+        ui.clip = gr.State(None)  # the last finished clip: its id (for Extend), prompt and WAV
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=300):
-                image = UploadedImage(label="Your photo", type="filepath", sources=["upload", "webcam", "clipboard"],
-                                      elem_id="image-input", height=320)
+                ui.image = UploadedImage(label="Your photo", type="filepath", sources=["upload", "webcam", "clipboard"],
+                                         elem_id="image-input", height=320)
+                with gr.Row(equal_height=True):
+                    ui.image_url = gr.Textbox(label="Photo from a link", placeholder="https://…/photo.jpg",
+                                              elem_id="image-url", scale=4, max_lines=1, max_length=2048)
+                    ui.image_url_btn = gr.Button("Fetch", elem_id="image-url-btn", scale=1, min_width=70)
                 with gr.Row():
-                    analyze_btn = gr.Button("Analyze", variant="primary", elem_id="analyze-btn", scale=2)
+                    ui.analyze_btn = gr.Button("Analyze", variant="primary", elem_id="analyze-btn", scale=2)
                 with gr.Accordion("Options", open=False):
-                    genre = gr.Dropdown(choices=[("pick from the mood", "")] + [(g, g) for g in GENRES], value="",
-                                        label="Genre", elem_id="genre")
-                    extra = gr.Textbox(label="Add words to the music prompt", placeholder="e.g. with a cello solo",
-                                       max_length=settings.max_prompt_chars, elem_id="extra-words")
-                    k = gr.Slider(3, settings.max_k, value=10, step=1, label="Songs per list", elem_id="k")
-                gr.Examples(examples=[[p] for p in EXAMPLES], inputs=[image], label="Or try an example photo",
+                    ui.genre = gr.Dropdown(choices=[("pick from the mood", "")] + [(g, g) for g in GENRES], value="",
+                                           label="Genre", elem_id="genre")
+                    ui.extra = gr.Textbox(label="Add words to the music prompt", placeholder="e.g. with a cello solo",
+                                          max_length=settings.max_prompt_chars, elem_id="extra-words")
+                    ui.k = gr.Slider(3, settings.max_k, value=10, step=1, label="Songs per list", elem_id="k")
+                gr.Examples(examples=[[p] for p in EXAMPLES], inputs=[ui.image], label="Or try an example photo",
                             examples_per_page=6)
             with gr.Column(scale=7, min_width=300):
-                caption = gr.Textbox(label="Caption (editable)", elem_id="caption", lines=2,
-                                     max_length=settings.max_prompt_chars)
+                ui.caption = gr.Textbox(label="Caption (editable)", elem_id="caption", lines=2,
+                                        max_length=settings.max_prompt_chars)
                 with gr.Row(equal_height=False):
-                    emotion = gr.Label(label="Mood", num_top_classes=3, elem_id="emotion", min_width=200)
-                    mood_plot = gr.Plot(label="Audio features: your photo vs. the selected song",
-                                        elem_id="mood-radar", min_width=260)
-                prompt = gr.Textbox(label="Music prompt (editable)", elem_id="prompt", lines=3,
-                                    max_length=settings.max_prompt_chars * 4)
-                regenerate_btn = gr.Button("Regenerate songs and music from my text", elem_id="regenerate-btn")
-                notes = gr.Markdown(elem_id="analyze-notes")
+                    ui.emotion = gr.Label(label="Mood", num_top_classes=3, elem_id="emotion", min_width=200)
+                    ui.radar = gr.Plot(label="Audio features: your photo vs. the selected song", elem_id="mood-radar",
+                                       min_width=260)
+                ui.prompt = gr.Textbox(label="Music prompt (editable)", elem_id="prompt", lines=3,
+                                       max_length=settings.max_prompt_chars)
+                ui.regenerate_btn = gr.Button("Regenerate songs and music from my text", elem_id="regenerate-btn")
+                ui.notes = gr.Markdown(elem_id="analyze-notes")
 
         gr.Markdown("### Your soundtrack")
         with gr.Row():
             with gr.Column(scale=5, min_width=280):
-                gr.Dropdown(choices=[settings.music_model if not settings.demo else "demo model"],
-                            value=settings.music_model if not settings.demo else "demo model",
-                            label="Model", interactive=False, elem_id="music-model",
-                            info="Set I2M_MUSIC_MODEL to use medium, melody or stereo variants.")
-                duration = gr.Slider(settings.min_duration_s, settings.max_duration_s,
-                                     value=settings.default_duration_s, step=0.5, label="Duration (s)",
-                                     elem_id="duration")
+                model_name = "demo model" if settings.demo else settings.music_model
+                gr.Dropdown(choices=[model_name], value=model_name, label="Model", interactive=False,
+                            elem_id="music-model", info="Set I2M_MUSIC_MODEL to use medium, melody or stereo variants.")
+                ui.duration = gr.Slider(settings.min_duration_s, settings.max_duration_s,
+                                        value=settings.default_duration_s, step=0.5, label="Duration (s)",
+                                        elem_id="duration", info="Longer than 30 s: the music goes on window by "
+                                        "window, without a seam. Extend adds this much to the last clip.")
+                ui.endless = gr.Checkbox(False, label="Endless: keep playing until Stop", elem_id="endless")
                 with gr.Row():
-                    seed = gr.Number(value=42, precision=0, minimum=0, label="Seed", elem_id="seed", scale=4)
-                    dice = gr.Button("🎲", elem_id="dice-btn", scale=1, min_width=50)
+                    ui.seed = gr.Number(value=42, precision=0, minimum=0, label="Seed", elem_id="seed", scale=4)
+                    ui.dice = gr.Button("🎲", elem_id="dice-btn", scale=1, min_width=50)
                 with gr.Accordion("Sampling", open=False):
-                    temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature",
-                                            elem_id="temperature")
-                    top_k = gr.Slider(0, 1000, value=250, step=1, label="Top-k (0 = off)", elem_id="top-k")
-                    top_p = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Top-p (0 = off)", elem_id="top-p")
-                    guidance = gr.Slider(1.0, 10.0, value=3.0, step=0.1, label="Guidance (classifier-free)",
-                                         elem_id="guidance")
+                    ui.temperature = _slider("temperature", "Temperature", "temperature")
+                    ui.top_k = _slider("top_k", "Top-k (0 = off)", "top-k")
+                    ui.top_p = _slider("top_p", "Top-p (0 = off)", "top-p")
+                    ui.guidance = _slider("guidance_scale", "Guidance (classifier-free, 1 = off)", "guidance")
                 with gr.Row():
-                    generate_btn = gr.Button("Generate music", variant="primary", elem_id="generate-btn", scale=3)
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
+                    ui.generate_btn = gr.Button("Generate music", variant="primary", elem_id="generate-btn", scale=3)
+                    ui.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
+                ui.extend_btn = gr.Button("➕ Extend the last clip (edit the prompt to change its mood)",
+                                          elem_id="extend-btn", size="sm")
             with gr.Column(scale=7, min_width=280):
-                audio_out = gr.Audio(label="Streaming as it is made", streaming=True, autoplay=True,
-                                     interactive=False, elem_id="audio-out")
-                download = gr.DownloadButton("Download WAV", visible=False, elem_id="download-wav")
-                gen_status = gr.Markdown(elem_id="generate-status")
+                ui.audio_out = gr.Audio(label="Streaming as it is made", streaming=True, autoplay=True,
+                                        interactive=False, elem_id="audio-out")
+                ui.download = gr.DownloadButton("Download WAV", visible=False, elem_id="download-wav")
+                ui.gen_status = gr.Markdown(elem_id="generate-status")
 
         gr.Markdown("### Songs that match")
+        ui.tables = {}
         with gr.Tabs():
-            tables = {}
-            for key, title, elem in (("features", "By sound", "songs-features"),
-                                     ("lyrics", "By lyrics", "songs-lyrics"),
-                                     ("fused", "Best of both", "songs-fused")):
+            for key, title, elem in SONG_LISTS:
                 with gr.Tab(title, id=elem):
-                    tables[key] = gr.Dataframe(headers=SONG_HEADERS, value=[], interactive=False, wrap=True,
-                                               datatype=["number", "markdown", "str", "str", "str", "number", "str"],
-                                               elem_id=elem, elem_classes=["songs-table"])
-        spotify_btn = gr.Button("▶ Play on Spotify", visible=False, elem_id="spotify-btn", size="sm")
-        spotify_html = gr.HTML(elem_id="spotify-player")
+                    ui.tables[key] = gr.Dataframe(headers=SONG_HEADERS, value=[], interactive=False, wrap=True,
+                                                  datatype=SONG_TYPES, elem_id=elem, elem_classes=["songs-table"])
+        ui.spotify_btn = gr.Button("▶ Play on Spotify", visible=False, elem_id="spotify-btn", size="sm")
+        ui.spotify_html = gr.HTML(elem_id="spotify-player")
 
         with gr.Accordion("About, limits and privacy", open=False):
             gr.Markdown(limits_markdown(settings), elem_id="limits")
             gr.Markdown("Recommendations come from a catalog built from TidyTuesday Spotify songs (CC0), MusicOSet "
                         "(CC BY 4.0), Billboard year-end lyrics 1965–2015 and the Music Dataset 1950–2019 (Moura et "
                         "al., CC BY 4.0). Lyrics are never stored or shown: only embeddings and keywords.")
-        footer = gr.Markdown(status_markdown(pipe, settings), elem_id="status-footer")
-        timer = gr.Timer(1.5)
+        ui.footer = gr.Markdown(status_markdown(pipe, settings), elem_id="status-footer")
+        ui.timer = gr.Timer(1.5)
+    return demo, ui
 
-        # API-only endpoints: clean inputs and outputs for gradio_client
-        with gr.Column(visible=False):
-            api_image = UploadedImage(type="filepath", label="image")
-            api_k = gr.Number(value=10, precision=0, label="k")
-            api_genre = gr.Textbox(value="", label="genre")
-            api_extra = gr.Textbox(value="", label="extra")
-            api_json = gr.JSON(label="result")
-            api_text = gr.Textbox(label="text")
-            api_caption_out = gr.Textbox(label="caption")
-            api_features = gr.JSON(value=None, label="features")
-            api_prompt = gr.Textbox(label="prompt")
-            api_duration = gr.Number(value=8.0, label="duration_s")
-            api_seed = gr.Number(value=0, label="seed")
-            api_temperature = gr.Number(value=1.0, label="temperature")
-            api_top_k = gr.Number(value=250, label="top_k")
-            api_top_p = gr.Number(value=0.0, label="top_p")
-            api_guidance = gr.Number(value=3.0, label="guidance_scale")
-            api_wav = gr.File(label="wav")
-            api_buttons = [gr.Button(visible=False) for _ in range(4)]
 
-        # ---- events ----
-        limits = {"concurrency_limit": settings.analyze_concurrency, "concurrency_id": "analyze"}
-        analyze_outputs = [caption, emotion, mood_plot, prompt, tables["features"], tables["lyrics"],
-                           tables["fused"], notes, state]
-        analyze_btn.click(on_analyze, [image, genre, extra, k], analyze_outputs, api_visibility="private", **limits)
+# -- wiring ----------------------------------------------------------------------------------------------------------
+
+def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: Settings) -> None:
+    """Events of the page (all private: the API is `api`'s typed endpoints only)."""
+    private = {"api_visibility": "private"}
+    analyze_limits = {"concurrency_limit": settings.analyze_concurrency, "concurrency_id": "analyze", **private}
+    # generation handlers wait in the pipeline's fair line (pipeline/fairness.py), which admits
+    # I2M_MAX_BATCH at a time (the engine decodes them together); Gradio only bounds how many may wait there
+    line = {"concurrency_limit": settings.queue_size, "concurrency_id": "generate"}
+    generate_limits = {**line, **private}
+    instant = {"queue": False, **private}
+    analyze_inputs = [ui.image, ui.genre, ui.extra, ui.k]
+    with demo:
+        # the API first: a private event named like an endpoint would otherwise take its name
+        gr.api(api["analyze"], api_name="analyze", concurrency_limit=settings.analyze_concurrency,
+               concurrency_id="analyze")
+        gr.api(api["caption"], api_name="caption", concurrency_limit=settings.analyze_concurrency,
+               concurrency_id="analyze")
+        for name in ("generate", "stream", "extend"):
+            gr.api(api[name], api_name=name, **line)
+        gr.api(api["recommend"], api_name="recommend", concurrency_limit=4, concurrency_id="recommend")
+        gr.api(api["status"], api_name="status", queue=False)
+
+        ui.analyze_btn.click(handlers.analyze, analyze_inputs, ui.analyze_outputs, **analyze_limits)
         # a new photo (uploaded, pasted, taken or an example clicked) is analyzed at once; results are cached per
         # image content, so an example clicked again, by anyone, answers instantly
-        image.change(on_new_image, [image, genre, extra, k], analyze_outputs, api_visibility="private", **limits)
-        gen_inputs = [prompt, duration, seed, temperature, top_k, top_p, guidance]
-        gen_outputs = [audio_out, download, gen_status]
-        gen_limits = {"concurrency_limit": settings.generate_concurrency, "concurrency_id": "generate"}
-        gen_event = generate_btn.click(on_generate, gen_inputs, gen_outputs, api_visibility="private", **gen_limits)
-        regen_event = regenerate_btn.click(
-            on_regenerate_songs, [caption, prompt, genre, extra, k, state],
-            [prompt, tables["features"], tables["lyrics"], tables["fused"], notes, state], api_visibility="private",
-            **limits).success(on_generate, gen_inputs, gen_outputs, api_visibility="private", **gen_limits)
-        stop_btn.click(lambda: "⏹ Stopped.", None, gen_status, cancels=[gen_event, regen_event],
-                       api_visibility="private", queue=False)
-        dice.click(lambda: random.randint(0, 2 ** 31 - 1), None, seed, api_visibility="private", queue=False)
-        for key, table in tables.items():
-            table.select(_select_for(on_select_song, key), [state], [mood_plot, selected_song, spotify_btn],
-                         api_visibility="private", queue=False)
-        spotify_btn.click(on_spotify, [selected_song], spotify_html, api_visibility="private", queue=False)
-        timer.tick(on_status, None, [footer, timer], api_visibility="private", queue=False)
-        demo.load(on_status, None, [footer, timer], api_visibility="private", queue=False)
+        ui.image.change(handlers.new_image, analyze_inputs, ui.analyze_outputs, **analyze_limits)
+        for trigger in (ui.image_url.submit, ui.image_url_btn.click):
+            trigger(handlers.fetch_link, [ui.image_url], [ui.image], concurrency_limit=settings.analyze_concurrency,
+                    concurrency_id="link", **private)
+        generation = ui.generate_btn.click(handlers.generate, ui.generate_inputs, ui.generate_outputs,
+                                           **generate_limits)
+        extension = ui.extend_btn.click(handlers.extend, ui.generate_inputs, ui.generate_outputs, **generate_limits)
+        regeneration = ui.regenerate_btn.click(
+            handlers.regenerate_songs, [ui.caption, ui.prompt, ui.genre, ui.extra, ui.k, ui.state],
+            [ui.prompt, ui.tables["features"], ui.tables["lyrics"], ui.tables["fused"], ui.notes, ui.state],
+            **analyze_limits).success(handlers.generate, ui.generate_inputs, ui.generate_outputs, **generate_limits)
+        ui.stop_btn.click(lambda: "⏹ Stopped.", None, ui.gen_status, cancels=[generation, extension, regeneration],
+                          **instant)
+        ui.dice.click(lambda: random.randint(0, 2 ** 31 - 1), None, ui.seed, **instant)
+        for key, table in ui.tables.items():
+            table.select(_select_for(handlers, key), [ui.state],
+                         [ui.radar, ui.selected_song, ui.spotify_btn], **instant)
+        ui.spotify_btn.click(handlers.spotify_player, [ui.selected_song], ui.spotify_html, **instant)
+        ui.timer.tick(handlers.status, None, [ui.footer, ui.timer, ui.offline_banner], **instant)
+        demo.load(handlers.status, None, [ui.footer, ui.timer, ui.offline_banner], **instant)
 
-        api_buttons[0].click(api_analyze, [api_image, api_k, api_genre, api_extra], api_json, api_name="analyze",
-                             **limits)
-        api_buttons[1].click(api_generate, [api_prompt, api_duration, api_seed, api_temperature, api_top_k,
-                                            api_top_p, api_guidance], api_wav, api_name="generate", **gen_limits)
-        api_buttons[2].click(api_recommend, [api_text, api_k, api_features], api_json, api_name="recommend",
-                             concurrency_limit=4, concurrency_id="recommend")
-        api_buttons[3].click(api_caption, [api_image], api_caption_out, api_name="caption", **limits)
 
+def _select_for(handlers: Handlers, which: str):
+    """A select handler for one song table (Gradio reads `evt`'s annotation, so this is a plain function)."""
+    def select(state, evt: gr.SelectData):
+        return handlers.select_song(state, which, evt)
+
+    return select
+
+
+def refuse_links_in_api_parameters(demo: gr.Blocks) -> None:
+    """gr.api builds its parameter blocks itself, so they get the photo box's door (see UploadedImage) per
+    instance."""
+    for block in demo.blocks.values():
+        if isinstance(block, ApiParameter):
+            block.async_move_resource_to_block_cache = functools.partial(_refusing_async, block)
+            block.move_resource_to_block_cache = functools.partial(_refusing_sync, block)
+
+
+async def _refusing_async(block, url_or_file_path):
+    _refuse_link(url_or_file_path)
+    return await ApiParameter.async_move_resource_to_block_cache(block, url_or_file_path)
+
+
+def _refusing_sync(block, url_or_file_path):
+    _refuse_link(url_or_file_path)
+    return ApiParameter.move_resource_to_block_cache(block, url_or_file_path)
+
+
+def build_app(settings: Settings | None = None) -> gr.Blocks:
+    settings = settings or Settings.from_env()
+    pipe = get_pipeline(settings)
+    handlers = Handlers(pipe, settings)
+    demo, ui = build_layout(pipe, settings)
+    wire(demo, ui, handlers, build_api(pipe, settings, handlers), settings)
+    refuse_links_in_api_parameters(demo)
+    # uploads (any client may post files) and generated clips are bounded by age and size, oldest first
+    demo.janitor = pipe.janitor(upload_folder()).start()
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=2)
     return demo
 
 
-def _select_for(handler, which: str):
-    def select(state, evt: gr.SelectData):
-        return handler(state, which, evt)
+def upload_folder() -> Path:
+    """Where Gradio keeps uploaded files and the files it serves (GRADIO_TEMP_DIR)."""
+    from gradio.utils import get_upload_folder
 
-    return select
+    return Path(get_upload_folder())
 
 
 def launch_options(settings: Settings) -> dict:
@@ -474,6 +831,7 @@ def launch_options(settings: Settings) -> dict:
         "allowed_paths": [str(settings.audio_dir)],  # generated WAVs live in the cache folder, not in /tmp
         "max_file_size": f"{settings.max_upload_mb:g}mb",
         "show_error": True,
+        "mcp_server": True,  # the four API endpoints as MCP tools at /gradio_api/mcp/
     }
 
 

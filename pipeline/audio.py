@@ -1,4 +1,4 @@
-"""Loudness normalisation, WAV files and the folder they live in.
+"""Loudness normalisation and WAV files.
 
 Normalisation must work while audio streams, so it is causal: a one-pole DC blocker (cut-off ≈ 5 Hz) removes any
 offset, each chunk's gain comes from the RMS of everything produced so far (this chunk included), ramped linearly
@@ -8,9 +8,10 @@ clip generated in one go are normalised identically.
 
 from __future__ import annotations
 
-import os
+import io
 import time
 import uuid
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -83,38 +84,33 @@ def soft_limit(x: np.ndarray) -> np.ndarray:
     return y
 
 
+def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
+    """16-bit PCM WAV bytes: what a streamed chunk is sent as (Gradio passes bytes through untouched, so loudness
+    stays ours) and what a WAV file holds."""
+    pcm = (np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as handle:
+        handle.setnchannels(1 if pcm.ndim == 1 else pcm.shape[1])
+        handle.setsampwidth(2)
+        handle.setframerate(sample_rate)
+        handle.writeframes(pcm.tobytes())
+    return buffer.getvalue()
+
+
+def read_wav(path: Path, sample_rate: int) -> np.ndarray:
+    """A WAV this app wrote, back as float32 samples ((n,) or (n, channels)) at the rate it expects."""
+    with wave.open(str(path), "rb") as handle:
+        if handle.getframerate() != sample_rate or handle.getsampwidth() != 2:
+            raise ValueError(f"{path.name} is not a 16-bit {sample_rate} Hz WAV of this app")
+        pcm = np.frombuffer(handle.readframes(handle.getnframes()), dtype="<i2")
+        channels = handle.getnchannels()
+    samples = pcm.astype(np.float32) / 32767.0
+    return samples if channels == 1 else samples.reshape(-1, channels)
+
+
 def write_wav(samples: np.ndarray, sample_rate: int, folder: Path) -> Path:
     """Each request gets its own file (never a shared path), 16-bit PCM."""
-    import soundfile as sf
-
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"music-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:10]}.wav"
-    sf.write(str(path), np.asarray(samples, dtype=np.float32), sample_rate, subtype="PCM_16")
+    path.write_bytes(wav_bytes(samples, sample_rate))
     return path
-
-
-def prune_folder(folder: Path, max_age_s: float, max_bytes: int, now: float | None = None) -> int:
-    """Delete generated files older than `max_age_s`, then the oldest until the folder fits `max_bytes`."""
-    if not folder.is_dir():
-        return 0
-    now = time.time() if now is None else now
-    files = []
-    for path in folder.iterdir():
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        if path.is_file():
-            files.append((stat.st_mtime, stat.st_size, path))
-    removed = 0
-    files.sort()
-    total = sum(size for _, size, _ in files)
-    for mtime, size, path in files:
-        if now - mtime > max_age_s or total > max_bytes:
-            try:
-                os.remove(path)
-                removed += 1
-                total -= size
-            except OSError:
-                pass
-    return removed

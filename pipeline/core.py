@@ -4,39 +4,34 @@
     analysis = pipe.analyze(image)        # caption + mood + prompt + three song lists
     for chunk in pipe.stream(prompt, duration_s=8, seed=42): ...
 
-Each component loads on its own: one that fails (no network, missing files) is reported by `status()` with the
-reason and a fix, and everything that does not need it keeps working.
+This file is the facade only: loading and status live in `components.py`, the checks of each request in its
+domain type (`music.Sampling`, `music.MusicRequest`, `validate.check_k`), the work in the modules they name.
+Every model call runs on the single compute thread (`compute.py`).
 """
 
 from __future__ import annotations
 
-import math
+import json
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from .catalog import Catalog, SongMatch
+from .components import CAPTION, CATALOG, EMBEDDER, MOOD, MUSIC, Components, ComponentStatus
 from .compute import compute_thread
 from .errors import ComponentLoading, ComponentUnavailable, InputError, UserFacingError
+from .fairness import FairGate, Ticket
 from .images import ImageSource, LoadedImage, load_image
 from .mood import MoodResult
-from .prompt import GENRES, MusicPrompt, build_prompt, clean_user_prompt
+from .music.request import DurationLimits, MusicRequest, Sampling
+from .prompt import MusicPrompt, build_prompt, check_genre, clean_user_prompt
 from .settings import Settings
+from .validate import check_k
 
-CAPTION, MOOD, MUSIC, CATALOG, EMBEDDER = "caption model", "mood model", "music model", "song catalog", \
-    "sentence embedder"
-COMPONENTS = (CATALOG, EMBEDDER, MOOD, CAPTION, MUSIC)  # loading order: cheapest and most useful first
-
-
-@dataclass(frozen=True)
-class ComponentStatus:
-    name: str
-    state: str  # waiting | loading | ready | failed
-    detail: str = ""
-    seconds: float | None = None
+__all__ = ["Analysis", "ComponentStatus", "Pipeline", "get_pipeline", "lyric_query"]
 
 
 @dataclass(frozen=True)
@@ -63,175 +58,147 @@ class Analysis:
         }
 
 
-@dataclass
-class _Slot:
-    state: str = "waiting"
-    value: object = None
-    error: str = ""
-    seconds: float | None = None
-    detail: str = ""
-    ready: threading.Event = field(default_factory=threading.Event)
+class _AnalysisCache:
+    """Analyze results per image content and cleaned options, bounded by entries and by bytes (an entry's size is
+    that of its JSON form), so that large free-text inputs cannot pin memory."""
+
+    def __init__(self, max_entries: int, max_bytes: int):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._items: OrderedDict[tuple, tuple[Analysis, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> Analysis | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: tuple, value: Analysis) -> None:
+        size = len(json.dumps(value.to_dict(), default=str)) + sum(len(str(part)) for part in key)
+        if not self.max_entries or size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._items[key] = (value, size)
+            self._bytes += size
+            while len(self._items) > self.max_entries or self._bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+CLIPS_KEPT = 16  # recent clips that can be extended (each holds a few seconds of codes and a codec state: ~1 MB)
+
+
+class _RecentClips:
+    """Where recent clips ended (`music.generator.Continuation`), by clip id, least recently used dropped first."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, clip_id: str, continuation) -> None:
+        if continuation is None:
+            return
+        with self._lock:
+            self._items[clip_id] = continuation
+            self._items.move_to_end(clip_id)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def get(self, clip_id: str):
+        with self._lock:
+            item = self._items.get(str(clip_id))
+            if item is None:
+                raise InputError("That clip can no longer be extended: the app keeps the last "
+                                 f"{self.size} clips. Generate a new one.")
+            self._items.move_to_end(str(clip_id))
+            return item
 
 
 class Pipeline:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings.from_env()
-        self._slots = {name: _Slot() for name in COMPONENTS}
-        self._thread: threading.Thread | None = None
-        self._cache: OrderedDict[tuple, Analysis] = OrderedDict()
-        self._cache_lock = threading.Lock()
-        self._start_lock = threading.Lock()
         self._compute = compute_thread()
-        self.runtime = None
+        self._components = Components(self.settings, self._compute.is_current)
+        self._cache = _AnalysisCache(self.settings.analyze_cache_size, int(self.settings.analyze_cache_mb * 1e6))
+        self.durations = DurationLimits(self.settings.min_duration_s, self.settings.max_duration_s)
+        self._clips = _RecentClips(CLIPS_KEPT)
+        self._batching_lock = threading.Lock()
+        # the fair line admits as many requests as the engine decodes together
+        self._music_gate = FairGate(self.settings.max_batch, self.settings.client_max_jobs)
 
     # -- loading --------------------------------------------------------------------------------------------------
     def start(self) -> "Pipeline":
         """Begin loading every component in a background thread (idempotent)."""
-        with self._start_lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._load_all, name="pipeline-loader", daemon=True)
-                self._thread.start()
+        self._components.start()
         return self
 
     def wait_until_ready(self, timeout: float | None = None) -> bool:
-        self.start()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for slot in self._slots.values():
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not slot.ready.wait(remaining):
-                return False
-        return True
+        return self._components.wait_until_ready(timeout)
 
-    def _load_all(self) -> None:
-        from .memory import loading_allocations
-        from .runtime import quiet_libraries, resolve_runtime
+    def component(self, name: str, wait_s: float | None = None):
+        """A loaded component by name (`components.COMPONENTS`): the catalog, the music generator, ... — for
+        benchmarks and tests that need to reach past the facade."""
+        return self._components.get(name, wait_s)
 
-        quiet_libraries()
-        self.runtime = resolve_runtime(self.settings)
-        loaders: dict[str, Callable[[], tuple[object, str]]] = {
-            CATALOG: self._load_catalog, EMBEDDER: self._load_embedder, MOOD: self._load_mood,
-            CAPTION: self._load_caption, MUSIC: self._load_music,
-        }
-        with loading_allocations():
-            for name in COMPONENTS:
-                self._load_one(name, loaders[name])
-
-    def _load_one(self, name: str, loader: Callable[[], tuple[object, str]]) -> None:
-        slot = self._slots[name]
-        slot.state = "loading"
-        started = time.monotonic()
-        try:
-            slot.value, slot.detail = loader()
-            slot.state = "ready"
-        except Exception as exc:  # every failure is reported to the user; the app keeps serving the rest
-            slot.state, slot.error = "failed", _explain(exc, self.settings.hf_token)
-        finally:
-            slot.seconds = round(time.monotonic() - started, 2)
-            slot.ready.set()
-
-    def _demo_paths(self):
-        from .demo_models import ensure_demo_models
-
-        return ensure_demo_models(self.settings.cache_dir)
-
-    def _model_path(self, kind: str, name: str) -> tuple[Path, str]:
-        from .artifacts import ArtifactSpec, resolve
-
-        model_id = getattr(self.settings, f"{kind}_model")
-        if self.settings.demo and kind in ("caption", "clip", "music"):
-            path = getattr(self._demo_paths(), kind)
-            return path, f"tiny random-weight demo {kind} model"
-        revision = self.settings.revision_for(kind)
-        resolved = resolve(ArtifactSpec(name, model_id, revision), token=self.settings.hf_token or None)
-        return resolved.path, f"{model_id} ({resolved.source})"
-
-    def _load_catalog(self):
-        catalog = Catalog.load(self.settings.index_dir, embedder_factory=lambda: self._get(EMBEDDER))
-        c = catalog.counts
-        return catalog, f"{c['songs']:,} songs ({c['with_features']:,} with audio features, " \
-                        f"{c['with_lyrics']:,} with lyrics)"
-
-    def _load_embedder(self):
-        from .embedder import SentenceEmbedder
-
-        path, detail = self._model_path("embedder", EMBEDDER)
-        embedder = SentenceEmbedder(path, self.settings.embedder_model, self.settings.revision_for("embedder"))
-        catalog = self._slots[CATALOG].value
-        if catalog is not None:
-            catalog.attach_embedder(embedder)  # refuses an embedder whose fingerprint differs from the index's
-        return embedder, detail
-
-    def _load_mood(self):
-        from .mood import ClipImageEncoder, FastMLPMood, ZeroShotMood
-
-        path, detail = self._model_path("clip", MOOD)
-        zero_shot = self.settings.mood_predictor == "zeroshot"
-        encoder = ClipImageEncoder(path, device=self.runtime.device, dtype=self.runtime.dtype,
-                                   prompts=ZeroShotMood.prompts() if zero_shot else ())
-        if zero_shot:
-            predictor = ZeroShotMood(encoder.text_embeddings, encoder.logit_scale)
-        else:
-            predictor = FastMLPMood(self._mood_head_path())
-        return (encoder, predictor), f"{detail}, {predictor.name} predictor"
-
-    def _mood_head_path(self) -> Path:
-        from .artifacts import ArtifactSpec, resolve
-
-        ref = self.settings.mood_mlp
-        if not ref:
-            raise InputError("I2M_MOOD_PREDICTOR=mlp needs I2M_MOOD_MLP (a .safetensors file or a Hub repo id).")
-        if Path(ref).expanduser().is_file():
-            return Path(ref).expanduser()
-        return resolve(ArtifactSpec("mood head", ref, "main", filename="mood_mlp.safetensors"),
-                       token=self.settings.hf_token or None).path
-
-    def _load_caption(self):
-        from .captioner import Captioner
-
-        path, detail = self._model_path("caption", CAPTION)
-        captioner = Captioner(path, device=self.runtime.device, dtype=self.runtime.dtype,
-                              int8=self.settings.caption_int8)
-        return captioner, detail + (", int8" if captioner.quantized else "")
-
-    def _load_music(self):
-        from .musicgen import MusicGenerator
-
-        path, detail = self._model_path("music", MUSIC)
-        generator = MusicGenerator.load(
-            path, device=self.runtime.device, dtype=self.runtime.dtype, weights=self.runtime.music_weights,
-            decoder=self.settings.music_decoder, cache_dir=self.settings.cache_dir,
-            native_kernels=self.settings.native_kernels, first_chunk_s=self.settings.first_chunk_s,
-            stream_chunk_s=self.settings.stream_chunk_s, audio_dir=self.settings.audio_dir)
-        return generator, f"{detail}, {generator.backend} decoder, {generator.weights} weights"
+    _get = component  # the facade's own short name
 
     def _await(self, *names: str) -> None:
-        """Wait (off the compute thread, up to the load-wait setting) for components still loading."""
-        self.start()
-        deadline = time.monotonic() + self.settings.load_wait_s
-        for name in names:
-            self._slots[name].ready.wait(max(0.0, deadline - time.monotonic()))
-
-    def _get(self, name: str, wait_s: float | None = None):
-        self.start()
-        slot = self._slots[name]
-        if wait_s is None:
-            # on the compute thread, waiting would hold up every other request: callers wait beforehand
-            wait_s = 0.0 if self._compute.is_current() else self.settings.load_wait_s
-        if not slot.ready.wait(wait_s):
-            raise ComponentLoading(name)
-        if slot.state == "failed":
-            raise ComponentUnavailable(name, slot.error)
-        return slot.value
+        self._components.wait_for(*names)
 
     def status(self) -> list[ComponentStatus]:
-        return [ComponentStatus(name=name, state=slot.state, detail=slot.error or slot.detail, seconds=slot.seconds)
-                for name, slot in self._slots.items()]
+        return self._components.status()
 
-    # -- single steps ---------------------------------------------------------------------------------------------
+    @property
+    def runtime(self):
+        return self._components.runtime
+
+    @property
+    def cached_analyses(self) -> int:
+        return len(self._cache)
+
+    @property
+    def cached_analysis_bytes(self) -> int:
+        return self._cache.nbytes
+
+    def clean_text(self, text: str | None) -> tuple[str, bool]:
+        """Free text from a visitor: control characters out, whitespace collapsed, cut at the prompt limit."""
+        return clean_user_prompt(text or "", self.settings.max_prompt_chars)
+
+# -- single steps ---------------------------------------------------------------------------------------------
     def load_image(self, source: ImageSource) -> LoadedImage:
         s = self.settings
         return load_image(source, max_pixels=s.max_image_pixels, max_side=s.max_image_side,
-                          max_bytes=int(s.max_upload_mb * 1e6))
+                          max_bytes=s.max_upload_bytes)
+
+    def load_image_url(self, url: str) -> LoadedImage:
+        """A photo from a link: public addresses only, bounded in time and size, decoded like an upload
+        (`url_fetch.py` says how)."""
+        from .url_fetch import fetch_image
+
+        return fetch_image(url, self.settings)
+
+    def image_from(self, image: ImageSource | None, image_url: str | None) -> ImageSource | LoadedImage:
+        """Exactly one of an uploaded image or a link, as API callers give them."""
+        has_url = bool((image_url or "").strip())
+        if has_url and image:
+            raise InputError("Give either an image or an image_url, not both.")
+        if not has_url and not image:
+            raise InputError("No image was given. Send a photo (JPEG, PNG, WebP or GIF) or an image_url.")
+        return self.load_image_url(image_url) if has_url else image
 
     def _image(self, image: ImageSource | LoadedImage) -> LoadedImage:
         return image if isinstance(image, LoadedImage) else self.load_image(image)
@@ -247,25 +214,14 @@ class Pipeline:
         return self._compute.run(lambda: predictor.predict(encoder.embed([loaded.image]), [loaded.image])[0])
 
     def prompt(self, caption: str, mood: MoodResult, genre: str | None = None, extra: str | None = None) -> MusicPrompt:
-        if genre and genre.strip().lower() not in GENRES:
-            raise InputError(f"Unknown genre {genre!r}. Choose one of: {', '.join(GENRES)}.")
-        return build_prompt(caption, mood, genre=genre, extra=extra, max_chars=self.settings.max_prompt_chars)
-
-    def _check_k(self, k) -> int:
-        try:
-            value = float(k)
-        except (TypeError, ValueError):
-            raise InputError(f"k must be a whole number, got {k!r}.") from None
-        if not math.isfinite(value) or value != int(value) or not 1 <= value <= self.settings.max_k:
-            raise InputError(f"k must be a whole number from 1 to {self.settings.max_k}, got {k!r}.")
-        return int(value)
+        return build_prompt(caption, mood, genre=check_genre(genre), extra=extra, max_chars=self.settings.max_prompt_chars)
 
     def recommend(self, text: str | None = None, k: int = 10,
                   features: Mapping[str, float] | Sequence[float] | None = None) -> dict[str, list[SongMatch]]:
         """Songs for free text (by lyrics) and, when features are given, by audio features and fused."""
-        k = self._check_k(k)
+        k = check_k(k, self.settings.max_k)
         catalog: Catalog = self._get(CATALOG)
-        cleaned, _ = clean_user_prompt(text or "", self.settings.max_prompt_chars)
+        cleaned, _ = self.clean_text(text)
         if not cleaned and features is None:
             raise InputError("Give some text (or audio features) to recommend songs for.")
         if cleaned:
@@ -284,26 +240,24 @@ class Pipeline:
         """Caption, mood, prompt and the three song lists for a photo; cached per image content and options.
 
         `caption` replaces the model's caption (the user edited it)."""
-        k = self._check_k(k)
+        k = check_k(k, self.settings.max_k)
+        # every free-text input is cleaned and cut here, before it reaches a cache key or a model
+        genre = check_genre(self.clean_text(genre)[0])
+        extra = self.clean_text(extra)[0] or None
+        caption = self.clean_text(caption)[0] or None if caption is not None else None
         self._await(MOOD, CAPTION, CATALOG, EMBEDDER)
         return self._compute.run(self._analyze, image, k, genre, extra, caption)
 
-    def _analyze(self, image, k: int, genre: str | None, extra: str | None, caption: str | None) -> Analysis:
+    def _analyze(self, image, k: int, genre: str | None, extra: str | None, caption_text: str | None) -> Analysis:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         loaded = self._image(image)
         timings["image_s"] = round(time.perf_counter() - started, 4)
-        caption_text = None
-        if caption is not None:
-            caption_text, _ = clean_user_prompt(caption, self.settings.max_prompt_chars)
-            caption_text = caption_text or None
-        key = (loaded.digest, k, (genre or "").lower(), extra or "", caption_text, self.settings.mood_predictor,
+        key = (loaded.digest, k, genre or "", extra or "", caption_text, self.settings.mood_predictor,
                self.settings.caption_model, self.settings.clip_model, self.settings.demo)
-        if self.settings.analyze_cache_size:
-            with self._cache_lock:
-                if key in self._cache:
-                    self._cache.move_to_end(key)
-                    return self._cache[key]
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
         notes = list(loaded.notes)
         t = time.perf_counter()
         mood = self.mood(loaded)
@@ -324,19 +278,15 @@ class Pipeline:
         result = Analysis(caption=caption_text, mood=mood, prompt=music_prompt, songs_by_features=by_features,
                           songs_by_lyrics=by_lyrics, songs_fused=fused, notes=tuple(notes),
                           image_digest=loaded.digest, timings=timings)
-        if self.settings.analyze_cache_size:
-            with self._cache_lock:
-                self._cache[key] = result
-                while len(self._cache) > self.settings.analyze_cache_size:
-                    self._cache.popitem(last=False)
+        self._cache.put(key, result)
         return result
 
     def songs_for_text(self, caption: str, mood: MoodResult, k: int = 10) -> tuple[list, list, list, list[str]]:
         """The three song lists for an edited caption ("regenerate from my text")."""
-        k = self._check_k(k)
+        k = check_k(k, self.settings.max_k)
         notes: list[str] = []
         self._await(CATALOG, EMBEDDER)
-        text = clean_user_prompt(caption, self.settings.max_prompt_chars)[0]
+        text = self.clean_text(caption)[0]
         return (*self._compute.run(self._songs_for, text, mood, k, notes), notes)
 
     def _songs_for(self, caption: str, mood: MoodResult, k: int, notes: list[str]):
@@ -354,61 +304,121 @@ class Pipeline:
         return by_features, by_lyrics, fused
 
     # -- music ----------------------------------------------------------------------------------------------------
-    def music_request(self, prompt: str, duration_s, seed, temperature=1.0, top_k=250, top_p=0.0,
-                      guidance_scale=3.0):
-        from .musicgen import MusicRequest
+    def music_request(self, prompt: str | None, duration_s=None, seed=0, *, endless: bool = False,
+                      continue_from: str | None = None, **sampling) -> tuple[MusicRequest, bool]:
+        """A checked request and whether the prompt was cut; `sampling` takes `Sampling`'s fields (temperature,
+        top_k, top_p, guidance_scale), missing ones at their defaults.
 
-        s = self.settings
-        text, truncated = clean_user_prompt(prompt or "", s.max_prompt_chars)
-        if not text:
-            raise InputError("The music prompt is empty. Analyze a photo or type a description.")
-        duration = _number("duration_s", duration_s)
-        if not s.min_duration_s <= duration <= s.max_duration_s:
-            raise InputError(f"duration_s must be between {s.min_duration_s:g} and {s.max_duration_s:g} seconds, "
-                             f"got {duration:g}.")
-        seed_value = _number("seed", seed)
-        if seed_value != int(seed_value) or not 0 <= seed_value < 2 ** 63:
-            raise InputError(f"seed must be a whole number from 0 to 2^63-1, got {seed!r}.")
-        temperature = _number("temperature", temperature)
-        if not 0.05 <= temperature <= 5.0:
-            raise InputError(f"temperature must be between 0.05 and 5, got {temperature:g}.")
-        top_k_value = _number("top_k", top_k)
-        if top_k_value != int(top_k_value) or not 0 <= top_k_value <= 2048:
-            raise InputError(f"top_k must be a whole number from 0 (off) to 2048, got {top_k!r}.")
-        top_p = _number("top_p", top_p)
-        if not 0.0 <= top_p <= 1.0:
-            raise InputError(f"top_p must be between 0 (off) and 1, got {top_p:g}.")
-        guidance = _number("guidance_scale", guidance_scale)
-        if not 1.0 <= guidance <= 15.0:
-            raise InputError(f"guidance_scale must be between 1 and 15, got {guidance:g}.")
-        request = MusicRequest(prompt=text, duration_s=duration, seed=int(seed_value), temperature=temperature,
-                               top_k=int(top_k_value), top_p=top_p, guidance_scale=guidance)
-        return request, truncated
+        `endless`: until cancelled, at most `endless_max_s` (duration_s is ignored). `continue_from`: the id of a
+        recent clip (`clip_id` of its chunks or of `generate`'s result) that this one continues; an empty prompt
+        then keeps that clip's prompt."""
+        earlier = self._clips.get(continue_from) if continue_from is not None else None
+        text, truncated = self.clean_text(prompt)
+        if not text and earlier is not None:
+            text = earlier.prompt
+        limits = DurationLimits(self.durations.low, self.settings.endless_max_s) if endless else self.durations
+        duration = limits.high if endless else self.settings.default_duration_s if duration_s is None else duration_s
+        request = MusicRequest.checked(text, duration, seed, Sampling.checked(**sampling), limits)
+        return request.replace(continue_from=earlier), truncated
 
-    def generate(self, prompt: str, duration_s=8.0, seed=0, *, temperature=1.0, top_k=250, top_p=0.0,
-                 guidance_scale=3.0, cancel: threading.Event | None = None, write: bool = True):
-        request, _ = self.music_request(prompt, duration_s, seed, temperature, top_k, top_p, guidance_scale)
-        generator = self._get(MUSIC)
+    def music_ticket(self, client: str) -> Ticket:
+        """A place in the fair line for music (`fairness.py`): hold it in a `with` block around the generation;
+        raises ClientBusy when this client already holds its share."""
+        return self._music_gate.enter(client)
+
+    @property
+    def music_line(self) -> dict[str, int]:
+        """How many music requests are running and waiting (for the status panel and /status)."""
+        return self._music_gate.counts
+
+    def generate(self, prompt: str | None, duration_s=None, seed=0, *, cancel: threading.Event | None = None,
+                 write: bool = True, continue_from: str | None = None, **sampling):
+        """The whole clip (`GeneratedMusic`; its `clip_id` can be extended later)."""
+        request, _ = self.music_request(prompt, duration_s, seed, continue_from=continue_from, **sampling)
+        generator = self._music()
         self._prune_audio()
-        return self._compute.run(generator.generate, request, cancel=cancel, write=write)
+        if generator.engine is not None:  # decoded in the shared batch; model work goes to the compute thread
+            music = generator.generate(request, cancel=cancel, write=write)
+        else:
+            music = self._compute.run(generator.generate, request, cancel=cancel, write=write)
+        self._clips.put(music.clip_id, music.continuation)
+        return music
 
-    def stream(self, prompt: str, duration_s=8.0, seed=0, *, temperature=1.0, top_k=250, top_p=0.0,
-               guidance_scale=3.0, cancel: threading.Event | None = None) -> Iterator:
-        request, _ = self.music_request(prompt, duration_s, seed, temperature, top_k, top_p, guidance_scale)
-        generator = self._get(MUSIC)
+    def stream(self, prompt: str | None, duration_s=None, seed=0, *, cancel: threading.Event | None = None,
+               endless: bool = False, continue_from: str | None = None, **sampling) -> Iterator:
+        """`AudioChunk`s as they are made; every chunk carries the clip's `clip_id`, which `extend` takes once the
+        last chunk has arrived. `endless=True` streams until `cancel` is set (or `endless_max_s`)."""
+        request, _ = self.music_request(prompt, duration_s, seed, endless=endless, continue_from=continue_from,
+                                        **sampling)
+        generator = self._music()
         self._prune_audio()
+        if generator.engine is not None:  # decoded in the shared batch, step by step on the compute thread
+            return self._remember_clip(generator.stream(request, cancel=cancel))
         # chunk by chunk on the compute thread: an Analyze from another visitor can run between two chunks
-        return self._compute.iterate(generator.stream(request, cancel=cancel))
+        return self._remember_clip(self._compute.iterate(generator.stream(request, cancel=cancel)))
 
-    def save_audio(self, samples, sample_rate: int) -> Path:
-        from .audio import write_wav
+    def extend(self, clip_id: str, seconds=None, prompt: str | None = None, seed=0, *,
+               cancel: threading.Event | None = None, endless: bool = False, **sampling) -> Iterator:
+        """Continue a recent clip by `seconds` (or endlessly), streamed: the music goes on from where the clip
+        ended, without a seam; a new `prompt` moves it towards another mood (None = the clip's own prompt).
+        The chunks carry a new clip_id, which can be extended in turn."""
+        return self.stream(prompt, seconds, seed, cancel=cancel, endless=endless, continue_from=clip_id, **sampling)
 
+    def music_queue(self):
+        """How busy the music engine is: `EngineStatus(running, waiting, max_batch)` — requests decoding together
+        now, requests in line for a place (the UI shows a newcomer its place: waiting + 1 when running ==
+        max_batch) — or None while the model loads or where requests run one at a time (reference backend)."""
+        try:
+            generator = self._get(MUSIC, 0.0)
+        except UserFacingError:
+            return None
+        engine = self._batched(generator).engine
+        return engine.status() if engine is not None else None
+
+    def _music(self):
+        return self._batched(self._get(MUSIC))
+
+    def _batched(self, generator):
+        with self._batching_lock:
+            if generator.engine is None and self.settings.max_batch > 0:
+                generator.serve_batched(self.settings.max_batch, self._compute.run)
+        return generator
+
+    def _remember_clip(self, chunks: Iterator) -> Iterator:
+        try:
+            for chunk in chunks:
+                if chunk.continuation is not None:
+                    self._clips.put(chunk.clip_id, chunk.continuation)
+                yield chunk
+        finally:
+            chunks.close()
+
+    def save_audio(self, parts: Sequence, sample_rate: int, after: str | Path | None = None) -> Path:
+        """Streamed chunks (in order) joined into one WAV file of their own in the audio folder; `after`, an
+        earlier WAV of this folder (the clip an extension continues), goes first when it is still there."""
+        import numpy as np
+
+        from .audio import read_wav, write_wav
+
+        samples = np.concatenate(list(parts))
+        earlier = Path(after) if after else None
+        if earlier is not None and earlier.parent.resolve() == self.settings.audio_dir.resolve() and earlier.is_file():
+            samples = np.concatenate([read_wav(earlier, sample_rate), samples])
         return write_wav(samples, sample_rate, self.settings.audio_dir)
 
     def _prune_audio(self) -> None:
-        from .audio import prune_folder
+        from .storage import prune_folder
 
         prune_folder(self.settings.audio_dir, self.settings.temp_max_age_s, self.settings.temp_max_mb * 1_000_000)
+
+    def janitor(self, upload_folder: Path):
+        """Bounds for the generated clips and for the web server's upload folder (started by the app)."""
+        from .storage import Bound, Janitor
+
+        s = self.settings
+        return Janitor([Bound(s.audio_dir, s.temp_max_age_s, s.temp_max_mb * 1_000_000),
+                        Bound(Path(upload_folder), s.upload_max_age_s, int(s.upload_max_mb * 1_000_000))],
+                       every_s=s.janitor_every_s)
 
 
 def lyric_query(caption: str, mood: MoodResult) -> str:
@@ -417,27 +427,6 @@ def lyric_query(caption: str, mood: MoodResult) -> str:
 
     words = ", ".join((mood.emotion,) + EMOTION_WORDS.get(mood.emotion, ()))
     return f"{caption}. {words}" if caption else words
-
-
-def _number(name: str, value) -> float:
-    if isinstance(value, bool):
-        raise InputError(f"{name} must be a number, got {value!r}.")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}.") from None
-    if not math.isfinite(number):
-        raise InputError(f"{name} must be a finite number, got {value!r}.")
-    return number
-
-
-def _explain(exc: Exception, token: str | None) -> str:
-    text = str(exc) or type(exc).__name__
-    if token:
-        text = text.replace(token, "<HF_TOKEN>")
-    if not isinstance(exc, UserFacingError) and "Could not load" not in text:
-        text = f"{type(exc).__name__}: {text}"
-    return text[:1200]
 
 
 _PIPELINES: dict[Settings, Pipeline] = {}

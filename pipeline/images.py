@@ -15,11 +15,23 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+# The formats a photo arrives in from a camera, a phone or a browser (JPEG includes cameras' multi-picture MPO
+# files). Every other decoder Pillow ships (TIFF, PSD, ICO, PCX, ...) is attack surface this app does not need.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+# EXIF orientation → the transpose that makes the picture upright (as ImageOps.exif_transpose does)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+class NotAnImage(InputError):
+    """The bytes are not in any picture format PIL knows; callers that know where the bytes came from (a link)
+    can say so in their own words."""
 
 
 @dataclass(frozen=True)
@@ -51,9 +63,13 @@ def load_image(source: ImageSource, *, max_pixels: int, max_side: int, max_bytes
         if getattr(image, "is_animated", False):
             image.seek(0)
             notes.append("animated image: the first frame is used")
+        orientation = image.getexif().get(0x0112, 1)
+        if image.format in ("JPEG", "MPO"):
+            image.draft("RGB", (2 * max_side, 2 * max_side))  # decode at 1/2, 1/4 or 1/8 scale when that suffices
         image.load()
-        image = ImageOps.exif_transpose(image) or image
-        image = _to_rgb(image)
+        image = _to_rgb(_shrink(image, max_side))
+        if orientation in _UPRIGHT:
+            image = image.transpose(_UPRIGHT[orientation])
     except InputError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -91,12 +107,12 @@ def _open(source, *, max_pixels: int, max_bytes: int | None) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
         except Image.DecompressionBombError:
             raise InputError(f"The image declares too many pixels (limit {max_pixels:,}); refusing to decode "
                              "it.") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            raise InputError(f"{name} is not an image this app can read. Upload a JPEG, PNG, WebP or GIF "
+            raise NotAnImage(f"{name} is not an image this app can read. Upload a JPEG, PNG, WebP or GIF "
                              "photo.") from None
     width, height = image.size
     if width * height > max_pixels:
@@ -105,12 +121,26 @@ def _open(source, *, max_pixels: int, max_bytes: int | None) -> Image.Image:
     return image
 
 
+def _shrink(image: Image.Image, max_side: int) -> Image.Image:
+    """Reduce a picture far larger than the models need by a whole factor in its own mode, before any conversion,
+    so that a 16-bit or float image of tens of megapixels never becomes tens of megapixels of floats; the final
+    LANCZOS downscale keeps at least 2× to work from."""
+    factor = max(image.size) // (2 * max_side)
+    if factor < 2:
+        return image
+    if image.mode.startswith("I;16"):
+        image = image.convert("I")  # reduce() has no 16-bit kernels; 32-bit integers keep every value
+    if image.mode == "P":
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+    return image.reduce(factor)
+
+
 def _from_array(array: np.ndarray) -> Image.Image:
     if array.size == 0:
         raise InputError("The image is empty (zero pixels).")
     if array.dtype != np.uint8:
         scale = 255.0 / max(float(np.nanmax(array)), 1.0) if array.dtype.kind in "iu" else 255.0
-        array = np.clip(np.nan_to_num(array.astype(np.float64)) * scale, 0, 255).astype(np.uint8)
+        array = np.clip(np.nan_to_num(array.astype(np.float32)) * np.float32(scale), 0, 255).astype(np.uint8)
     try:
         return Image.fromarray(array)
     except (TypeError, ValueError) as exc:
@@ -120,10 +150,13 @@ def _from_array(array: np.ndarray) -> Image.Image:
 def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
+        # float32 on the (already shrunk) picture: one array, no float64 copies
+        array = np.asarray(image, dtype=np.float32)
         top = float(array.max()) if array.size else 0.0
-        scale = 255.0 / (65535.0 if mode.startswith("I;16") or top > 255 else max(top, 1.0))
-        return Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8)).convert("RGB")
+        sixteen = mode.startswith("I;16") or image.info.get("bits") == 16 or top > 255
+        scale = np.float32(255.0 / (65535.0 if sixteen else max(top, 1.0)))
+        np.multiply(array, scale, out=array)
+        return Image.fromarray(np.clip(array, 0, 255, out=array).astype(np.uint8)).convert("RGB")
     if mode == "P":
         image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
         mode = image.mode

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .errors import InputError
 from .features import KEY_NAMES
 from .mood import MoodResult
 
@@ -104,3 +105,11 @@ def clean_user_prompt(text: str, max_chars: int) -> tuple[str, bool]:
     if len(cleaned) <= max_chars:
         return cleaned, False
     return cleaned[:max_chars].rsplit(" ", 1)[0] or cleaned[:max_chars], True
+
+
+def check_genre(genre: str | None) -> str | None:
+    """A genre picked by the user: one of GENRES (any case), or None for "pick from the mood"."""
+    value = (genre or "").strip().lower()
+    if value and value not in GENRES:
+        raise InputError(f"Unknown genre {genre!r}. Choose one of: {', '.join(GENRES)}.")
+    return value or None

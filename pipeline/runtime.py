@@ -15,10 +15,6 @@ class Runtime:
     dtype: "torch.dtype"  # float type of BLIP, CLIP and the T5 text encoder  # noqa: F821
     music_weights: str  # int5 | int4 | int8 | bf16 | fp16 | fp32
 
-    @property
-    def on_gpu(self) -> bool:
-        return self.device == "cuda"
-
 
 def quiet_libraries() -> None:
     """Keep model loading from printing progress bars and advisory warnings into the Space log."""

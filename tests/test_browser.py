@@ -151,3 +151,60 @@ def test_clicking_an_example_photo_analyzes_it(browser, live_app):
     expect(page.locator("#caption textarea")).not_to_have_value("", timeout=TIMEOUT_MS)
     page.locator('#songs-features [role=row][aria-rowindex="2"]').first.wait_for(timeout=TIMEOUT_MS)
     page.close()
+
+
+def test_stop_ends_a_generation_and_frees_its_place(browser, live_app, pipeline, artifacts_dir):
+    import time
+
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(live_app, wait_until="domcontentloaded")
+    page.locator("#prompt textarea").fill("a long ambient drone")
+    duration = page.locator("#duration input[type=number]")
+    duration.fill("30")
+    duration.press("Enter")
+    page.locator("#generate-btn").click()
+    expect(page.locator("#generate-status")).to_contain_text("🎶", timeout=TIMEOUT_MS)
+    page.locator("#stop-btn").click()
+    expect(page.locator("#generate-status")).to_contain_text("Stopped", timeout=TIMEOUT_MS)
+    deadline = time.monotonic() + 60
+    while pipeline.music_line["running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pipeline.music_line == {"running": 0, "waiting": 0}
+    assert not page.locator("#download-wav").is_visible()
+    page.screenshot(path=str(artifacts_dir / "stopped.png"))
+    page.close()
+
+
+def test_endless_plays_for_a_minute_and_stops(browser, live_app, pipeline, artifacts_dir):
+    """Endless mode streams past any clip length until Stop; the player keeps receiving audio for over a minute of
+    wall-clock time, then Stop ends it and frees its place."""
+    import re
+    import time
+
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(live_app, wait_until="domcontentloaded")
+    page.locator("#prompt textarea").fill("an endless calm drone")
+    page.locator("#endless input[type=checkbox]").check()
+    page.locator("#generate-btn").click()
+    status = page.locator("#generate-status")
+    expect(status).to_contain_text("endless", timeout=TIMEOUT_MS)
+    started = time.monotonic()
+    made = []
+    while time.monotonic() - started < 65:
+        found = re.search(r"🎶 ([0-9.]+) s", status.inner_text())
+        if found:
+            made.append(float(found.group(1)))
+        time.sleep(2)
+    assert made and made == sorted(made) and made[-1] > 60, made[-5:]  # still growing after a minute
+    page.screenshot(path=str(artifacts_dir / "endless.png"))
+    page.locator("#stop-btn").click()
+    expect(status).to_contain_text("Stopped", timeout=TIMEOUT_MS)
+    deadline = time.monotonic() + 60
+    while pipeline.music_line["running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pipeline.music_line == {"running": 0, "waiting": 0}
+    page.close()

@@ -1,5 +1,3 @@
-import time
-
 import numpy as np
 import torch
 from PIL import Image
@@ -8,9 +6,7 @@ from pipeline.demo_models import demo_models_dir, ensure_demo_models
 
 
 def test_demo_models_build_once_and_are_reused(tmp_path):
-    started = time.monotonic()
     paths = ensure_demo_models(tmp_path)
-    assert time.monotonic() - started < 60
     stamps = {p: (p / "model.safetensors").stat().st_mtime_ns for p in (paths.caption, paths.clip, paths.music)}
     again = ensure_demo_models(tmp_path)
     assert again == paths

@@ -4,7 +4,7 @@ from PIL import Image
 
 from pipeline.errors import InputError
 from pipeline.images import load_image
-from tests import images
+from scripts import sample_images as images
 
 LIMITS = {"max_pixels": 50_000_000, "max_side": 1024, "max_bytes": 20_000_000}
 
@@ -84,3 +84,44 @@ def test_same_pixels_same_digest(tmp_path):
     b = load_image(images.photo(), **LIMITS)
     c = load_image(images.photo(seed=1), **LIMITS)
     assert a.digest == b.digest != c.digest
+
+
+@pytest.mark.parametrize("fmt, name", [("BMP", "x.bmp"), ("TIFF", "x.tif"), ("ICO", "x.png"), ("PPM", "x.jpg")])
+def test_only_the_photo_formats_are_decoded(tmp_path, fmt, name):
+    """Pillow can read these, but no camera, phone or browser sends them: their decoders stay closed."""
+    data = images.encoded(images.photo(64, 48), fmt)
+    with pytest.raises(InputError, match="JPEG, PNG, WebP or GIF"):
+        load(data, tmp_path, name)
+
+
+def test_a_large_sixteen_bit_png_is_reduced_before_any_float_copy(tmp_path):
+    """A ~100 KB 16-bit PNG of tens of megapixels used to go through three float64 copies of every pixel (about
+    1.2 GB at 50 MP); now it is reduced in PIL first and only the small picture becomes floats."""
+    import tracemalloc
+
+    width, height = 6000, 4000
+    ramp = (np.linspace(0, 65535, width, dtype=np.float64)[None, :] * np.ones((height, 1))).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    del ramp
+    tracemalloc.start()
+    try:
+        loaded = load_image(str(path), **LIMITS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    array = np.asarray(loaded.image)
+    assert loaded.original_size == (width, height) and max(loaded.image.size) == LIMITS["max_side"]
+    assert array[:, :5].mean() < 10 and array[:, -5:].mean() > 245  # the range survives the reduction
+    # Pillow's PNG decoder holds the raw 16-bit rows (2 bytes a pixel); the float64 path added 24 bytes a pixel
+    assert peak < 3 * width * height, peak
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_and_stays_upright(tmp_path):
+    big = images.photo(4000, 3000, seed=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90° clockwise to view
+    path = tmp_path / "sideways.jpg"
+    big.save(path, "JPEG", exif=exif.tobytes(), quality=80)
+    loaded = load_image(str(path), **LIMITS)
+    assert loaded.image.size == (768, 1024) and loaded.original_size == (4000, 3000)

@@ -10,7 +10,7 @@ from pipeline.errors import Cancelled, InputError
 from pipeline.features import FEATURES, RANGES
 from pipeline.mood import EMOTIONS, MoodResult, emotion_of
 from pipeline.prompt import build_prompt, clean_user_prompt, genre_for
-from tests import images
+from scripts import sample_images as images
 
 
 # -- caption ---------------------------------------------------------------------------------------------------------
@@ -25,7 +25,7 @@ def test_captions_for_odd_images(pipeline, tmp_path, maker):
 
 
 def test_captions_batch_and_prefix(pipeline):
-    captioner = pipeline._get("caption model")
+    captioner = pipeline.component("caption model")
     batch = captioner.caption([images.photo(seed=1), images.photo(seed=2)])
     assert len(batch) == 2
     single = captioner.caption([images.photo(seed=1)])
@@ -146,7 +146,7 @@ def test_user_prompts_are_cleaned_and_cut():
 
 @pytest.fixture(scope="module")
 def generator(pipeline):
-    return pipeline._get("music model")
+    return pipeline.component("music model")
 
 
 def test_same_seed_same_audio_other_seed_different(pipeline):
@@ -166,7 +166,7 @@ def test_stream_equals_batch(pipeline):
     streamed = np.concatenate([c.samples for c in chunks])
     assert np.array_equal(streamed, full.samples)
     # and both equal the non-streamed reference: one codec pass over all the codes
-    reference = pipeline._get("music model").decode_reference(full.codes)
+    reference = pipeline.component("music model").decode_reference(full.codes)
     assert reference.shape == streamed.shape and np.max(np.abs(streamed - reference)) < 1e-5
 
 
@@ -217,9 +217,10 @@ def test_empty_prompts_are_refused(pipeline, prompt):
 
 
 def test_reference_backend_streams_through_the_per_step_hook(demo_paths):
-    from pipeline.musicgen import MusicGenerator, MusicRequest
+    from pipeline.music import MusicRequest
+    from pipeline.music.generator import MusicGenerator
 
-    reference = MusicGenerator.load(demo_paths.music, decoder="reference")
+    reference = MusicGenerator.load(demo_paths.music, backend="reference")
     request = MusicRequest("jazz", 1.5, seed=4)
     full = reference.generate(request, write=False)
     streamed = np.concatenate([c.samples for c in reference.stream(request)])
@@ -235,7 +236,7 @@ def test_reference_backend_streams_through_the_per_step_hook(demo_paths):
 def test_fast_decoder_logits_match_the_reference_under_teacher_forcing(demo_paths, cache_dir, weights, floor):
     from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
 
-    from pipeline.fast_decoder import FastMusicgenDecoder
+    from pipeline.music.lm import FastMusicLM
 
     reference = MusicgenForConditionalGeneration.from_pretrained(demo_paths.music).eval()
     processor = MusicgenProcessor.from_pretrained(demo_paths.music)
@@ -249,7 +250,7 @@ def test_fast_decoder_logits_match_the_reference_under_teacher_forcing(demo_path
                              attention_mask=torch.cat([inputs.attention_mask, torch.zeros_like(inputs.attention_mask)]),
                              decoder_input_ids=torch.cat([tokens, tokens]).reshape(2 * k, length)).logits
     expected = expected.reshape(2, k, length, -1).permute(0, 2, 1, 3)
-    fast = FastMusicgenDecoder(copy.deepcopy(reference), weights=weights, cache_dir=str(cache_dir), keep_reference=True)
+    fast = FastMusicLM(copy.deepcopy(reference), weights=weights, cache_dir=str(cache_dir), keep_reference=True)
     got = fast.teacher_forced_logits(inputs.input_ids, inputs.attention_mask, tokens)
     cosine = torch.nn.functional.cosine_similarity(got.flatten().double(), expected.flatten().double(), dim=0)
     assert cosine >= floor, (weights, fast.format, float(cosine))
@@ -257,7 +258,7 @@ def test_fast_decoder_logits_match_the_reference_under_teacher_forcing(demo_path
 
 @pytest.mark.parametrize("bits", [4, 5])
 def test_native_kernel_matches_its_dequantized_weights(cache_dir, bits):
-    from pipeline.native_kernels import PackedLowBit, load_kernel
+    from pipeline.music.native import PackedLowBit, load_kernel
 
     kernel = load_kernel(str(cache_dir))
     if kernel is None:
@@ -282,16 +283,14 @@ def test_the_scalar_and_avx2_paths_agree_with_the_fast_one(cache_dir, tmp_path):
     """The kernel is compiled for the machine it runs on; build the portable paths too and compare them."""
     import ctypes
     import shutil
-    import subprocess
 
-    from pipeline import native_kernels
-    from pipeline.native_kernels import PackedLowBit, load_kernel
+    from pipeline.music import native as native_kernels
+    from pipeline.music.native import PackedLowBit, load_kernel
 
     kernel = load_kernel(str(cache_dir))
     compiler = shutil.which("cc") or shutil.which("gcc")
     if kernel is None or compiler is None:
         pytest.skip("no native kernel here")
-    openmp = native_kernels._torch_openmp()
     weight = torch.randn(128, 1024, generator=torch.Generator().manual_seed(3)) * 0.02
     x = torch.randn(2, 1024, generator=torch.Generator().manual_seed(4))
     for bits in (4, 5):
@@ -299,15 +298,17 @@ def test_the_scalar_and_avx2_paths_agree_with_the_fast_one(cache_dir, tmp_path):
         expected = kernel.linear(x, packed)
         for flags in (["-march=x86-64", "-mf16c"], ["-march=haswell"]):
             target = tmp_path / f"k{bits}{flags[0][7:]}.so"
-            subprocess.run([compiler, "-O2", *flags, "-fopenmp", "-shared", "-fPIC", str(native_kernels.SOURCE),
-                            "-o", str(target), f"-L{openmp.parent}", f"-Wl,-rpath,{openmp.parent}",
-                            f"-l:{openmp.name}", "-lm"], check=True, capture_output=True)
+            native_kernels.compile_kernel(target, ["-O2", *flags])
             other = native_kernels.LowBitKernel(ctypes.CDLL(str(target)), target)
             assert torch.allclose(other.linear(x, packed), expected, rtol=1e-4, atol=1e-4), (bits, flags)
 
 
 @pytest.fixture(scope="module")
 def tileable_musicgen():
+    return small_tileable_musicgen()
+
+
+def small_tileable_musicgen():
     """A small MusicGen whose decoder shapes the native kernel tiles (multiples of 512), so that the fused C
     layer — not the per-op PyTorch path the tiny demo model takes — is what runs."""
     from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration,
@@ -333,7 +334,7 @@ def tileable_musicgen():
 
 
 def test_the_fused_c_layer_matches_the_reference_and_the_pytorch_path(tileable_musicgen, cache_dir):
-    from pipeline.fast_decoder import FastMusicgenDecoder
+    from pipeline.music.lm import FastMusicLM
 
     model = tileable_musicgen
     ids = torch.tensor([[5, 9, 13, 1]])
@@ -347,11 +348,13 @@ def test_the_fused_c_layer_matches_the_reference_and_the_pytorch_path(tileable_m
                          attention_mask=torch.cat([mask, torch.zeros_like(mask)]),
                          decoder_input_ids=torch.cat([tokens, tokens]).reshape(2 * k, length)).logits
     expected = expected.reshape(2, k, length, -1).permute(0, 2, 1, 3)
-    fused = FastMusicgenDecoder(copy.deepcopy(model), weights="int5", cache_dir=str(cache_dir), keep_reference=True)
-    if fused._fused is None:
+    fused = FastMusicLM(copy.deepcopy(model), weights="int5", cache_dir=str(cache_dir), keep_reference=True)
+    if not fused.fused:
         pytest.skip("no native kernel on this machine")
-    per_op = FastMusicgenDecoder(copy.deepcopy(model), weights="int5", cache_dir=str(cache_dir), keep_reference=True)
-    per_op._fused = None  # same packed weights, PyTorch for everything but the matrix products
+    # same packed weights, PyTorch for everything but the matrix products
+    per_op = FastMusicLM(copy.deepcopy(model), weights="int5", cache_dir=str(cache_dir), keep_reference=True,
+                         fused_layers=False)
+    assert not per_op.fused
     got = fused.teacher_forced_logits(ids, mask, tokens)
     cosine = torch.nn.functional.cosine_similarity(got.flatten().double(), expected.flatten().double(), dim=0)
     assert cosine >= 0.99, float(cosine)
@@ -362,11 +365,12 @@ def test_the_fused_c_layer_matches_the_reference_and_the_pytorch_path(tileable_m
 def test_the_fused_path_generates_deterministically_and_streams(tileable_musicgen, cache_dir, demo_paths):
     from transformers import AutoProcessor
 
-    from pipeline.musicgen import MusicGenerator, MusicRequest
+    from pipeline.music import MusicRequest
+    from pipeline.music.generator import MusicGenerator
 
     generator = MusicGenerator(copy.deepcopy(tileable_musicgen), AutoProcessor.from_pretrained(demo_paths.music),
                                weights="int5", cache_dir=str(cache_dir))
-    if generator._fast._fused is None:
+    if not generator.lm.fused:
         pytest.skip("no native kernel on this machine")
     request = MusicRequest("calm piano", 1.5, seed=9)
     first = generator.generate(request, write=False)
@@ -383,7 +387,8 @@ def test_stereo_models_stream_two_channels(tileable_musicgen, cache_dir, demo_pa
     from transformers import AutoProcessor, MusicgenConfig, MusicgenForConditionalGeneration
 
     from pipeline.demo_models import randomize_codebooks
-    from pipeline.musicgen import MusicGenerator, MusicRequest
+    from pipeline.music import MusicRequest
+    from pipeline.music.generator import MusicGenerator
 
     config = MusicgenConfig.from_dict(tileable_musicgen.config.to_dict())
     config.decoder.audio_channels = 2
@@ -405,7 +410,8 @@ def test_stereo_models_stream_two_channels(tileable_musicgen, cache_dir, demo_pa
 @pytest.mark.parametrize("top_k, top_p", [(10, 0.0), (0, 0.5), (20, 0.7), (0, 0.0)])
 def test_sampling_follows_temperature_top_k_and_top_p(top_k, top_p):
     """The sampler draws from the k best candidates only; its distribution must equal masking the whole vocabulary."""
-    from pipeline.fast_decoder import Sampling, sample
+    from pipeline.music import Sampling
+    from pipeline.music.lm import sample
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) * 3

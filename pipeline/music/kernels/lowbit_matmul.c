@@ -211,6 +211,52 @@ static inline __attribute__((always_inline)) void row(
 #endif
 }
 
+#if ISA == 2
+/* Up to four activation rows against one weight row: the weights are unpacked once for all of them (a batch of
+   listeners costs one unpacking per four rows, not per two). Each row keeps its own accumulators and order of
+   operations, so its result does not depend on which rows share the call. */
+static inline __attribute__((always_inline)) void rows4(
+        const uint8_t* wr, const uint8_t* hr, const uint16_t* dr, const uint16_t* mr, int bits, int nr,
+        const int8_t* const* x, const float* const* sc, const float* const* of, int K, float* y) {
+    const int ns = K / SB;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i sixteen = _mm512_set1_epi8(16);
+    __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int s = 0; s < ns; s++) {
+        const uint8_t* wb = wr + s * (SB / 2);
+        const uint8_t* hb = hr + s * 64;
+        for (int p = 0; p < 256; p += 64) _mm_prefetch((const char*)(wb + PREFETCH + p), _MM_HINT_T0);
+        if (bits == 5) _mm_prefetch((const char*)(hb + PREFETCH / 4), _MM_HINT_T0);
+        __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                        _mm512_setzero_si512()};
+        for (int i = 0; i < 4; i++) {
+            const __m512i b = _mm512_loadu_si512((const void*)(wb + 64 * i));
+            __m512i lo = _mm512_and_si512(b, low);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+            if (bits == 5) {
+                uint64_t bits_lo, bits_hi;
+                memcpy(&bits_lo, hb + 8 * i, 8);
+                memcpy(&bits_hi, hb + 8 * (i + 4), 8);
+                lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi8(_cvtu64_mask64(bits_lo), sixteen));
+                hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(_cvtu64_mask64(bits_hi), sixteen));
+            }
+            for (int r = 0; r < nr; r++) {
+                const int8_t* xb = x[r] + s * SB;
+                a[r] = _mm512_dpbusd_epi32(a[r], lo, _mm512_loadu_si512((const void*)(xb + 64 * i)));
+                a[r] = _mm512_dpbusd_epi32(a[r], hi, _mm512_loadu_si512((const void*)(xb + 64 * (i + 4))));
+            }
+        }
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dr + s * 16)));
+        const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mr + s * 16)));
+        for (int r = 0; r < nr; r++) {
+            f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r]), _mm512_mul_ps(dv, _mm512_loadu_ps(sc[r] + s * 16)), f[r]);
+            f[r] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(of[r] + s * 16), f[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) y[r] = _mm512_reduce_add_ps(f[r]);
+}
+#endif
+
 typedef struct {
     const uint8_t* w;    /* nibbles (N, K/2) */
     const uint8_t* hb;   /* fifth-bit planes (N, K/8), NULL for 4 bits */
@@ -222,9 +268,52 @@ enum { ACT_NONE = 0, ACT_GELU = 1 };
 
 static inline float gelu(float v) { return 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); }
 
+#if ISA == 2
+static inline __m512 exp_nonpositive(__m512 x);
+
+/* GELU on 16 lanes: erf from Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7, below fp32 rounding of the
+   result). The scalar erff cost ~18 ns an element: 1.8 ms per row and step over MusicGen-small's feed-forward
+   blocks, a fifth of a whole step. */
+static inline __m512 gelu16(__m512 v) {
+    const __m512 x = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.70710678118654752f));
+    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), x,
+                                                                      _mm512_set1_ps(1.f)));
+    __m512 poly = _mm512_set1_ps(1.061405429f);
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-1.453152027f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+    poly = _mm512_mul_ps(poly, t);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(x, x)));
+    __m512 erf = _mm512_fnmadd_ps(poly, e, _mm512_set1_ps(1.f));  /* erf(|v| / sqrt 2) */
+    const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+    erf = _mm512_mask_sub_ps(erf, negative, _mm512_setzero_ps(), erf);
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.f), erf));
+}
+#endif
+
+/* y[0 .. n) = gelu(y) */
+static void gelu_inplace(float* y, size_t n, int threads) {
+    const long blocks = (long)((n + 255) / 256);
+    #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : omp_get_max_threads())
+    for (long b = 0; b < blocks; b++) {
+        const size_t start = (size_t)b * 256, end = start + 256 < n ? start + 256 : n;
+        size_t i = start;
+#if ISA == 2
+        for (; i + 16 <= end; i += 16) _mm512_storeu_ps(y + i, gelu16(_mm512_loadu_ps(y + i)));
+#endif
+        for (; i < end; i++) y[i] = gelu(y[i]);
+    }
+}
+
 /* y (M, N) = act(x (M, K) @ W.T) [+ add (M, N)]; `add` may alias y. Returns 0 or -1 (out of memory). */
 static int matmul(const float* x, int M, int K, const packed_t* W, float* y, int N, const float* add, int act,
                   int threads) {
+    if (act == ACT_GELU && !add) {  /* the activation in one vectorised pass afterwards */
+        const int status = matmul(x, M, K, W, y, N, NULL, ACT_NONE, threads);
+        if (status == 0) gelu_inplace(y, (size_t)M * N, threads);
+        return status;
+    }
     const int ng = K / GS;
     int8_t* xq = (int8_t*)aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
     float* xs = (float*)malloc(sizeof(float) * (size_t)M * ng);
@@ -237,6 +326,37 @@ static int matmul(const float* x, int M, int K, const packed_t* W, float* y, int
         const uint8_t* hr = W->hb ? W->hb + (size_t)n * (K / 8) : NULL;
         const uint16_t* dr = W->d + (size_t)n * ng;
         const uint16_t* mr = W->mn + (size_t)n * ng;
+#if ISA == 2
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            const int nr = M - m0 < 4 ? M - m0 : 4;
+            const int8_t* xr[4];
+            const float* sr[4];
+            const float* orr[4];
+            for (int r = 0; r < nr; r++) {
+                xr[r] = xq + (size_t)(m0 + r) * K;
+                sr[r] = xs + (size_t)(m0 + r) * ng;
+                orr[r] = xsum + (size_t)(m0 + r) * ng;
+            }
+            float v[4];
+            /* constant row counts and widths, so each combination gets its own unrolled loop */
+            switch (nr * 8 + (hr ? 5 : 4)) {
+                case 12: rows4(wr, hr, dr, mr, 4, 1, xr, sr, orr, K, v); break;
+                case 13: rows4(wr, hr, dr, mr, 5, 1, xr, sr, orr, K, v); break;
+                case 20: rows4(wr, hr, dr, mr, 4, 2, xr, sr, orr, K, v); break;
+                case 21: rows4(wr, hr, dr, mr, 5, 2, xr, sr, orr, K, v); break;
+                case 28: rows4(wr, hr, dr, mr, 4, 3, xr, sr, orr, K, v); break;
+                case 29: rows4(wr, hr, dr, mr, 5, 3, xr, sr, orr, K, v); break;
+                case 36: rows4(wr, hr, dr, mr, 4, 4, xr, sr, orr, K, v); break;
+                default: rows4(wr, hr, dr, mr, 5, 4, xr, sr, orr, K, v); break;
+            }
+            for (int r = 0; r < nr; r++) {
+                float value = v[r];
+                if (act == ACT_GELU) value = gelu(value);
+                const size_t at = (size_t)(m0 + r) * N + n;
+                y[at] = add ? add[at] + value : value;
+            }
+        }
+#else
         for (int m0 = 0; m0 < M; m0 += 2) {
             const int two = m0 + 1 < M;
             const int8_t* x0 = xq + (size_t)m0 * K;
@@ -256,6 +376,7 @@ static int matmul(const float* x, int M, int K, const packed_t* W, float* y, int
                 y[at] = add ? add[at] + v : v;
             }
         }
+#endif
     }
     free(xq); free(xs); free(xsum);
     return 0;
@@ -405,78 +526,131 @@ static void attend(const float* q, const float* keys, const float* values, int T
     }
 }
 
+/* One row's KV cache for one layer: int8 keys (H, Dh, Tmax), i.e. transposed, values (H, Tmax, Dh), fp32 scales
+   (H, Tmax) each. Every row of a step (a listener's conditional or unconditional stream, or a window being
+   prefilled) has its own, with its own length and position, so no row's result depends on the others. */
+typedef struct {
+    int8_t* k;
+    int8_t* v;
+    float* ks;
+    float* vs;
+} cache_t;
+
+/* The text's keys and values for one layer's cross-attention: (H, Tt, Dh) fp32 each. */
+typedef struct {
+    const float* k;
+    const float* v;
+} cross_t;
+
+typedef struct {
+    packed_t weights[6];
+    const float* norms[6];
+} layer_t;
+
+/* rows_t: per row b, its caches (one cache_t per layer), cache length, position, and text (one cross_t per layer,
+   NULL for the unconditional row of classifier-free guidance, which attends to nothing and gets exactly zero),
+   the text's length and valid-token mask. */
+typedef struct {
+    const cache_t* const* cache;
+    const int* tmax;
+    const int* pos;
+    const cross_t* const* cross;
+    const int* tt;
+    const uint8_t* const* valid;
+} rows_t;
+
 /* weights[6]: qkv (3D x D), out (D x D), cross_q (D x D), cross_out (D x D), fc1 (F x D), fc2 (D x F).
-   norms[6]: ln1 w, b, ln2 w, b, ln3 w, b. x: (B, D), updated. Caches: int8 keys (B, H, Dh, Tmax), i.e.
-   transposed, and values (B, H, Tmax, Dh), with fp32 scales (B, H, Tmax); position `pos` is written and
-   attended to (dh <= 256). Cross keys/values: (H, Tt, Dh) fp32 with `valid` (Tt)
-   marking real text tokens. Returns 0 or -1 (out of memory). */
-static int mg_layer(float* x, int B, int D, int H, int F, const packed_t* weights, const float* const* norms, float eps,
-             int8_t* kcache, int8_t* vcache, float* kscale, float* vscale, int Tmax, int pos, const float* ck,
-             const float* cv, int Tt, const uint8_t* valid, int threads) {
+   norms[6]: ln1 w, b, ln2 w, b, ln3 w, b. x: (B, D), updated; row b writes its key and value at its position and
+   attends to positions <= it (dh <= 256). Returns 0 or -1 (out of memory). */
+static int mg_layer(float* x, int B, int D, int H, int F, const layer_t* L, int l, const rows_t* R, float eps,
+                    int threads) {
     const int dh = D / H;
     const int nthreads = threads > 0 ? threads : omp_get_max_threads();
-    const int span = (pos + 1 > Tt ? pos + 1 : Tt);
-    float* y = (float*)malloc(sizeof(float) * (size_t)B * F);
+    int span = 1, nc = 0;
+    for (int b = 0; b < B; b++) {
+        span = R->pos[b] + 1 > span ? R->pos[b] + 1 : span;
+        if (R->cross[b]) { nc++; span = R->tt[b] > span ? R->tt[b] : span; }
+    }
+    float* y = (float*)malloc(sizeof(float) * (size_t)B * (F > 3 * D ? F : 3 * D));
     float* qkv = (float*)malloc(sizeof(float) * (size_t)B * 3 * D);
     float* attn = (float*)malloc(sizeof(float) * (size_t)B * D);
     float* scores = (float*)malloc(sizeof(float) * (size_t)nthreads * span);
-    if (!y || !qkv || !attn || !scores) { free(y); free(qkv); free(attn); free(scores); return -1; }
+    int* crow = (int*)malloc(sizeof(int) * (size_t)(B > 0 ? B : 1));
+    if (!y || !qkv || !attn || !scores || !crow) {
+        free(y); free(qkv); free(attn); free(scores); free(crow); return -1;
+    }
+    const packed_t* weights = L->weights;
+    const float* const* norms = L->norms;
     int status = 0;
 
     /* self-attention */
     for (int b = 0; b < B; b++) layer_norm(x + (size_t)b * D, y + (size_t)b * D, D, norms[0], norms[1], eps);
     status |= matmul(y, B, D, &weights[0], qkv, 3 * D, NULL, ACT_NONE, threads);
+    /* every row's key and value first, then attention: rows that share a cache (a window's prompt prefilled
+       several positions at a time) see each other's positions below their own */
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int bh = 0; bh < B * H; bh++) {
         const int b = bh / H, h = bh % H;
-        const size_t row = ((size_t)b * H + h) * Tmax;
+        const cache_t* c = &R->cache[b][l];
+        const int tmax = R->tmax[b], pos = R->pos[b];
+        const size_t row = (size_t)h * tmax;
         const float* q = qkv + (size_t)b * 3 * D + h * dh;
         int8_t key[256];
-        kscale[row + pos] = quantize_vector(q + D, key, dh);
-        for (int i = 0; i < dh; i++) kcache[row * dh + (size_t)i * Tmax + pos] = key[i];  /* keys transposed */
-        vscale[row + pos] = quantize_vector(q + 2 * D, vcache + (row + pos) * dh, dh);
-        attend_cache(q, kcache + row * dh, vcache + row * dh, kscale + row, vscale + row, pos + 1, Tmax, dh,
-                     scores + (size_t)omp_get_thread_num() * span, attn + (size_t)b * D + h * dh);
+        c->ks[row + pos] = quantize_vector(q + D, key, dh);
+        for (int i = 0; i < dh; i++) c->k[row * dh + (size_t)i * tmax + pos] = key[i];  /* keys transposed */
+        c->vs[row + pos] = quantize_vector(q + 2 * D, c->v + (row + pos) * dh, dh);
+    }
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int bh = 0; bh < B * H; bh++) {
+        const int b = bh / H, h = bh % H;
+        const cache_t* c = &R->cache[b][l];
+        const int tmax = R->tmax[b], pos = R->pos[b];
+        const size_t row = (size_t)h * tmax;
+        attend_cache(qkv + (size_t)b * 3 * D + h * dh, c->k + row * dh, c->v + row * dh, c->ks + row, c->vs + row,
+                     pos + 1, tmax, dh, scores + (size_t)omp_get_thread_num() * span, attn + (size_t)b * D + h * dh);
     }
     status |= matmul(attn, B, D, &weights[1], x, D, x, ACT_NONE, threads);
 
-    /* cross-attention, conditional row only */
-    layer_norm(x, y, D, norms[2], norms[3], eps);
-    status |= matmul(y, 1, D, &weights[2], qkv, D, NULL, ACT_NONE, threads);
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int h = 0; h < H; h++)
-        attend(qkv + h * dh, ck + (size_t)h * Tt * dh, cv + (size_t)h * Tt * dh, Tt, dh, valid,
-               scores + (size_t)omp_get_thread_num() * span, attn + h * dh);
-    status |= matmul(attn, 1, D, &weights[3], x, D, x, ACT_NONE, threads);
+    /* cross-attention, for the rows that have a text (gathered, then added back to their rows) */
+    if (nc) {
+        for (int b = 0, j = 0; b < B; b++)
+            if (R->cross[b]) {
+                crow[j] = b;
+                layer_norm(x + (size_t)b * D, y + (size_t)j * D, D, norms[2], norms[3], eps);
+                j++;
+            }
+        status |= matmul(y, nc, D, &weights[2], qkv, D, NULL, ACT_NONE, threads);
+        #pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int jh = 0; jh < nc * H; jh++) {
+            const int j = jh / H, h = jh % H, b = crow[j];
+            const cross_t* t = &R->cross[b][l];
+            const int tt = R->tt[b];
+            attend(qkv + (size_t)j * D + h * dh, t->k + (size_t)h * tt * dh, t->v + (size_t)h * tt * dh, tt, dh,
+                   R->valid[b], scores + (size_t)omp_get_thread_num() * span, attn + (size_t)j * D + h * dh);
+        }
+        status |= matmul(attn, nc, D, &weights[3], y, D, NULL, ACT_NONE, threads);
+        for (int j = 0; j < nc; j++) {
+            float* xr = x + (size_t)crow[j] * D;
+            const float* add = y + (size_t)j * D;
+            for (int i = 0; i < D; i++) xr[i] = xr[i] + add[i];
+        }
+    }
 
     /* feed-forward */
     for (int b = 0; b < B; b++) layer_norm(x + (size_t)b * D, attn + (size_t)b * D, D, norms[4], norms[5], eps);
     status |= matmul(attn, B, D, &weights[4], y, F, NULL, ACT_GELU, threads);
     status |= matmul(y, B, F, &weights[5], x, D, x, ACT_NONE, threads);
 
-    free(y); free(qkv); free(attn); free(scores);
+    free(y); free(qkv); free(attn); free(scores); free(crow);
     return status ? -1 : 0;
 }
 
-/* All decoder layers for one position in one call (saves a foreign call per layer). */
-typedef struct {
-    packed_t weights[6];
-    const float* norms[6];
-    int8_t* kcache;
-    int8_t* vcache;
-    float* kscale;
-    float* vscale;
-    const float* ck;
-    const float* cv;
-} layer_t;
-
-int mg_layers(float* x, int B, int D, int H, int F, const layer_t* layers, int n_layers, float eps, int Tmax, int pos,
-              int Tt, const uint8_t* valid, int threads) {
-    for (int l = 0; l < n_layers; l++) {
-        const layer_t* L = &layers[l];
-        if (mg_layer(x, B, D, H, F, L->weights, L->norms, eps, L->kcache, L->vcache, L->kscale, L->vscale, Tmax,
-                     pos, L->ck, L->cv, Tt, valid, threads) != 0)
-            return -1;
-    }
+/* All decoder layers for one step of B rows in one call (saves a foreign call per layer). */
+int mg_layers(float* x, int B, int D, int H, int F, const layer_t* layers, int n_layers, float eps,
+              const cache_t* const* cache, const int* tmax, const int* pos, const cross_t* const* cross, const int* tt,
+              const uint8_t* const* valid, int threads) {
+    const rows_t R = {cache, tmax, pos, cross, tt, valid};
+    for (int l = 0; l < n_layers; l++)
+        if (mg_layer(x, B, D, H, F, &layers[l], l, &R, eps, threads) != 0) return -1;
     return 0;
 }

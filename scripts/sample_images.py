@@ -1,4 +1,4 @@
-"""Odd and hostile images, made in memory for the tests."""
+"""Odd and hostile images, made in memory: the tests' inputs and the benchmarks' photos."""
 
 from __future__ import annotations
 

@@ -21,7 +21,9 @@ CONTEXT_FRAMES = 2  # the upsampling stack reaches ~1.3 frames each way (1 alrea
 LOOKAHEAD_FRAMES = CONV_CONTEXT + CONTEXT_FRAMES  # frames past a sample's own that must exist before it is final
 
 
-class StreamingEncodecDecoder:
+class StreamingCodec:
+    """One channel of EnCodec's decoder (codes → samples), fed a few frames at a time."""
+
     def __init__(self, audio_encoder):
         self.model = audio_encoder
         layers = audio_encoder.decoder.layers
@@ -75,6 +77,21 @@ class StreamingEncodecDecoder:
         self._audio_done = target
         self._drop_consumed()
         return audio
+
+    @property
+    def unfinished_samples(self) -> int:
+        """Samples of frames already pushed that are not yet final (they wait for the frames after them)."""
+        return (self._n_frames - self._audio_done) * self.hop
+
+    def snapshot(self) -> "StreamingCodec":
+        """An independent copy in the same state: a clip's end is decoded with `final=True`, and a snapshot taken
+        just before lets a later request continue the same audio as if the clip had gone on."""
+        copy = StreamingCodec.__new__(StreamingCodec)
+        copy.__dict__.update(self.__dict__)
+        copy._embeddings = None if self._embeddings is None else self._embeddings.clone()
+        copy._lstm_out = None if self._lstm_out is None else self._lstm_out.clone()
+        copy._lstm_state = None if self._lstm_state is None else tuple(t.clone() for t in self._lstm_state)
+        return copy
 
     def _drop_consumed(self) -> None:
         # keep only what a later window can still read, so long clips use bounded memory

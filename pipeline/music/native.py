@@ -31,6 +31,10 @@ SOURCE = Path(__file__).with_name("kernels") / "lowbit_matmul.c"
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 GROUP = 32
 SUPERBLOCK = 512
+# The six packed matrices of one decoder layer, in the order of `layer_t.weights[]` in kernels/lowbit_matmul.c
+# (its comment on mg_layer names them the same way); the decode loop packs them under these names.
+LAYER_MATRICES = ("qkv", "out", "cross_q", "cross_out", "fc1", "fc2")
+MAX_HEAD_DIM = 256  # mg_layer quantizes one key per head into a stack buffer of this many bytes
 log = logging.getLogger(__name__)
 
 
@@ -38,10 +42,22 @@ class _Packed(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("hb", ctypes.c_void_p), ("d", ctypes.c_void_p), ("mn", ctypes.c_void_p)]
 
 
-class _Layer(ctypes.Structure):
-    _fields_ = [("weights", _Packed * 6), ("norms", ctypes.c_void_p * 6), ("kcache", ctypes.c_void_p),
-                ("vcache", ctypes.c_void_p), ("kscale", ctypes.c_void_p), ("vscale", ctypes.c_void_p),
-                ("ck", ctypes.c_void_p), ("cv", ctypes.c_void_p)]
+class _LayerTable(ctypes.Structure):
+    """Mirror of `layer_t` in the C source: one layer's packed matrices and layer norms."""
+
+    _fields_ = [("weights", _Packed * 6), ("norms", ctypes.c_void_p * 6)]
+
+
+class _Cache(ctypes.Structure):
+    """Mirror of `cache_t`: one row's KV cache for one layer."""
+
+    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("ks", ctypes.c_void_p), ("vs", ctypes.c_void_p)]
+
+
+class _Cross(ctypes.Structure):
+    """Mirror of `cross_t`: a text's cross-attention keys and values for one layer."""
+
+    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p)]
 
 
 class LowBitKernel:
@@ -53,7 +69,7 @@ class LowBitKernel:
         self._fn.argtypes = [p, i, i, p, p, p, p, p, i, i]
         self._layers = library.mg_layers
         self._layers.restype = ctypes.c_int
-        self._layers.argtypes = [p, i, i, i, i, p, i, ctypes.c_float, i, i, i, p, i]
+        self._layers.argtypes = [p, i, i, i, i, p, i, ctypes.c_float, p, p, p, p, p, p, i]
         self.threads = 0  # 0: OpenMP's default (PyTorch's thread count)
         library.i4_isa.restype = ctypes.c_int
         self.isa = {2: "avx512-vnni", 1: "avx2", 0: "scalar"}[library.i4_isa()]
@@ -72,52 +88,77 @@ class LowBitKernel:
 
 class FusedLayer:
     """One MusicGen decoder layer for the C path: six packed matrices and three layer norms, kept alive here,
-    with the pointer tables the C side reads built once."""
+    with the pointer table the C side reads built once."""
 
     def __init__(self, matrices: list["PackedLowBit"], norms: list[torch.Tensor], eps: float, heads: int):
+        if len(matrices) != len(LAYER_MATRICES):
+            raise ValueError(f"a fused layer takes {len(LAYER_MATRICES)} matrices: {', '.join(LAYER_MATRICES)}")
+        if matrices[1].out_features // heads > MAX_HEAD_DIM:
+            raise ValueError(f"the fused layer handles heads of at most {MAX_HEAD_DIM} dimensions")
         self.matrices = matrices
         self.norms = [n.detach().float().contiguous() for n in norms]
         self.eps = float(eps)
         self.heads = heads
         self.hidden = matrices[1].out_features
         self.ffn = matrices[4].out_features
-        self._weights = (_Packed * 6)(*[_Packed(m.weight.data_ptr(), m.high_bits.data_ptr() if m.high_bits is not None
-                                                else None, m.scale.data_ptr(), m.offset.data_ptr()) for m in matrices])
-        self._norms = (ctypes.c_void_p * 6)(*[n.data_ptr() for n in self.norms])
+        self.table = _LayerTable(
+            (_Packed * 6)(*[_Packed(m.weight.data_ptr(), m.high_bits.data_ptr() if m.high_bits is not None else None,
+                                    m.scale.data_ptr(), m.offset.data_ptr()) for m in matrices]),
+            (ctypes.c_void_p * 6)(*[n.data_ptr() for n in self.norms]))
 
-    @staticmethod
-    def new_cache(batch: int, heads: int, length: int, head_dim: int) -> tuple[torch.Tensor, ...]:
-        """int8 keys (B, H, Dh, T) — transposed, for the kernel's vectorised scores — and values (B, H, T, Dh),
-        with fp32 scales (B, H, T)."""
-        return (torch.zeros(batch, heads, head_dim, length, dtype=torch.int8),
-                torch.zeros(batch, heads, length, head_dim, dtype=torch.int8),
-                torch.zeros(batch, heads, length), torch.zeros(batch, heads, length))
+
+class RowCache:
+    """One row's KV cache in every layer, for the C path: int8 keys (H, Dh, T) — transposed, for the kernel's
+    vectorised scores — and values (H, T, Dh), with fp32 scales (H, T)."""
+
+    def __init__(self, layers: int, heads: int, length: int, head_dim: int):
+        self.length = length
+        self.tensors = [(torch.zeros(heads, head_dim, length, dtype=torch.int8),
+                         torch.zeros(heads, length, head_dim, dtype=torch.int8),
+                         torch.zeros(heads, length), torch.zeros(heads, length)) for _ in range(layers)]
+        self.table = (_Cache * layers)(*[_Cache(*(t.data_ptr() for t in cache)) for cache in self.tensors])
+
+
+class TextKV:
+    """A text's cross-attention keys and values in every layer, (H, T, Dh) fp32, and its valid-token mask."""
+
+    def __init__(self, keys_values: list[tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor):
+        self.tensors = [(k.float().contiguous(), v.float().contiguous()) for k, v in keys_values]
+        self.valid = valid.reshape(-1).to(torch.uint8).contiguous()
+        self.length = self.tensors[0][0].shape[1]
+        self.table = (_Cross * len(self.tensors))(*[_Cross(k.data_ptr(), v.data_ptr()) for k, v in self.tensors])
 
 
 class FusedStack:
-    """All layers of one request bound to their caches and the text's keys and values, run as one C call a step."""
+    """All decoder layers of the model, run as one C call per step over rows that each bring their own cache,
+    position and text (or none)."""
 
-    def __init__(self, kernel: "LowBitKernel", layers: list[FusedLayer], caches: list, cross: list,
-                 valid: torch.Tensor):
+    def __init__(self, kernel: "LowBitKernel", layers: list[FusedLayer]):
         self._kernel = kernel
-        self._keep = (caches, cross, valid)  # the C side holds raw pointers into these
-        self._table = (_Layer * len(layers))()
-        for entry, layer, cache, (ck, cv) in zip(self._table, layers, caches, cross):
-            entry.weights = layer._weights
-            entry.norms = layer._norms
-            entry.kcache, entry.vcache, entry.kscale, entry.vscale = (t.data_ptr() for t in cache)
-            entry.ck, entry.cv = ck.data_ptr(), cv.data_ptr()
+        self._layers = layers
+        self._table = (_LayerTable * len(layers))(*[layer.table for layer in layers])
         first = layers[0]
-        self._shape = (first.hidden, first.heads, first.ffn, first.eps)
-        self._length = caches[0][1].shape[2]
-        self._text_length = cross[0][0].shape[1]
-        self._valid = valid.data_ptr()
+        self.shape = (first.hidden, first.heads, first.ffn, first.eps)
 
-    def __call__(self, x: torch.Tensor, position: int) -> None:
-        hidden, heads, ffn, eps = self._shape
-        status = self._kernel._layers(x.data_ptr(), x.shape[0], hidden, heads, ffn, ctypes.addressof(self._table),
-                                      len(self._table), eps, self._length, position, self._text_length, self._valid,
-                                      self._kernel.threads)
+    def __call__(self, x: torch.Tensor, caches: list[RowCache], positions: list[int],
+                 texts: list["TextKV | None"]) -> None:
+        hidden, heads, ffn, eps = self.shape
+        b = x.shape[0]
+        if not len(caches) == len(positions) == len(texts) == b:
+            raise ValueError("one cache, position and text (or None) per row")
+        for cache, position in zip(caches, positions):
+            if not 0 <= position < cache.length:
+                raise ValueError(f"position {position} is outside a cache of {cache.length}")
+        pointer = ctypes.c_void_p
+        cache_ptrs = (pointer * b)(*[ctypes.addressof(c.table) for c in caches])
+        lengths = (ctypes.c_int * b)(*[c.length for c in caches])
+        where = (ctypes.c_int * b)(*positions)
+        cross = (pointer * b)(*[ctypes.addressof(t.table) if t is not None else None for t in texts])
+        text_lengths = (ctypes.c_int * b)(*[t.length if t is not None else 0 for t in texts])
+        valid = (pointer * b)(*[t.valid.data_ptr() if t is not None else None for t in texts])
+        status = self._kernel._layers(x.data_ptr(), b, hidden, heads, ffn, ctypes.addressof(self._table),
+                                      len(self._layers), eps, cache_ptrs, lengths, where, cross, text_lengths,
+                                      valid, self._kernel.threads)
         if status != 0:
             raise MemoryError("the fused decoder layers could not allocate scratch memory")
 
@@ -188,7 +229,7 @@ class PackedLowBit:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _torch_openmp() -> Path | None:
+def torch_openmp() -> Path | None:
     lib = Path(torch.__file__).parent / "lib"
     candidates = sorted(lib.glob("libgomp*.so*")) + sorted(lib.glob("libiomp*.so*"))
     return candidates[0] if candidates else None
@@ -204,29 +245,32 @@ def _cpu_signature() -> str:
 
 @functools.lru_cache(maxsize=None)
 def load_kernel(cache_dir: str) -> LowBitKernel | None:
-    """Compile (once per source and CPU) and load the kernel; None when that is not possible here."""
-    if os.environ.get("I2M_NATIVE_KERNELS", "1").lower() in ("0", "false", "no", "off"):
-        return None
+    """Compile (once per source, CPU and OpenMP runtime) and load the kernel; None when that is not possible here.
+
+    The library is cached under `cache_dir/kernels/` with the sha256 it had when this process built it; a file
+    that no longer matches (tampered with, truncated, half-written) is rebuilt, never loaded."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    openmp = _torch_openmp()
+    openmp = torch_openmp()
     if compiler is None or openmp is None or not SOURCE.is_file():
         log.info("low-bit kernel unavailable (compiler=%s, openmp=%s)", compiler, openmp)
         return None
     digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_signature().encode() + str(openmp).encode()).hexdigest()[:16]
     target = Path(cache_dir) / "kernels" / f"lowbit_matmul-{digest}.so"
-    if not target.is_file():
+    recorded = target.with_name(target.name + ".sha256")
+    trusted = target.is_file() and recorded.is_file() and recorded.read_text().strip() == _file_sha256(target)
+    if not trusted:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o",
-                       str(built), f"-L{openmp.parent}", f"-Wl,-rpath,{openmp.parent}", f"-l:{openmp.name}", "-lm"]
             try:
-                subprocess.run(command, check=True, capture_output=True, timeout=120)
+                compile_kernel(built, ["-O3", "-march=native"], compiler, openmp)
             except (subprocess.SubprocessError, OSError) as exc:
                 detail = getattr(exc, "stderr", b"") or b""
                 log.warning("low-bit kernel did not compile: %s", detail.decode(errors="replace")[-400:] or exc)
                 return None
+            checksum = _file_sha256(built)
             os.replace(built, target)
+            recorded.write_text(checksum + "\n")
     try:
         kernel = LowBitKernel(ctypes.CDLL(str(target)), target)
     except OSError as exc:
@@ -235,3 +279,19 @@ def load_kernel(cache_dir: str) -> LowBitKernel | None:
     if kernel.isa == "scalar":
         return None  # slower than PyTorch's own kernel
     return kernel
+
+
+def compile_kernel(target: Path, flags: list[str], compiler: str | None = None, openmp: Path | None = None) -> None:
+    """Build the kernel's shared library at `target` with these optimisation / ISA flags, linked against PyTorch's
+    OpenMP runtime (tests also build the portable AVX2 and scalar paths this way)."""
+    compiler = compiler or shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    openmp = openmp or torch_openmp()
+    if compiler is None or openmp is None:
+        raise OSError("no C compiler or no OpenMP runtime in torch")
+    command = [compiler, *flags, "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(target),
+               f"-L{openmp.parent}", f"-Wl,-rpath,{openmp.parent}", f"-l:{openmp.name}", "-lm"]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
