@@ -29,6 +29,7 @@ import numpy as np
 from . import catalog_schema as schema
 from . import recommend, vector_index
 from .errors import IndexIntegrityError, InputError
+from .validate import check_k
 from .features import FEATURES, FeatureSpace, as_matrix, closest_features, describe_pair
 
 
@@ -50,7 +51,7 @@ class SongMatch:
 
 
 def spotify_url(spotify_id: str) -> str:
-    return f"https://open.spotify.com/track/{spotify_id}" if spotify_id else ""
+    return f"https://open.spotify.com/track/{spotify_id}" if schema.spotify_id(spotify_id) else ""
 
 
 class Catalog:
@@ -198,7 +199,7 @@ class Catalog:
     def search_features(self, features: Mapping[str, float] | Sequence[float] | np.ndarray, k: int = 10,
                         exclude_ids: Sequence[int] = ()) -> list[SongMatch]:
         """Songs whose audio features are closest to `features` (Spotify units; missing names allowed)."""
-        k = _check_k(k)
+        k = check_k(k)
         query, present = _feature_query(features)
         ranked = self._feature_ranking(query, present, k, exclude_ids)
         return [self._feature_match(song, score, query, present) for song, score in ranked]
@@ -251,7 +252,7 @@ class Catalog:
 
     def search_lyrics(self, text: str, k: int = 10, *, query_vector: np.ndarray | None = None) -> list[SongMatch]:
         """Songs whose lyrics are about `text`, scored by the rule in `pipeline.recommend`."""
-        k = _check_k(k)
+        k = check_k(k)
         text = (text or "").strip()
         if not text:
             raise InputError("Type a few words to search lyrics by (the text was empty).")
@@ -259,16 +260,30 @@ class Catalog:
             return []
         found = self._lyric_query(text, query_vector)
         return [self._match(song, score, self._lyric_evidence(found, song)) for song, score in
-                self._lyric_ranking(found)[:k]]
+                self._lyric_ranking(found, k)]
 
     def _lyric_query(self, text: str, query_vector: np.ndarray | None = None) -> recommend.LyricQuery:
         q = self.embed(text) if query_vector is None else np.asarray(query_vector, dtype=np.float32)
         return self._lyrics.query(q, text)
 
-    def _lyric_ranking(self, found: recommend.LyricQuery) -> list[tuple[int, float]]:
-        order = np.lexsort((self._lyrics.songs, -found.relevance))
-        scores = recommend.calibrated(found.relevance[order], self._calibration)
-        return list(zip(self._lyrics.songs[order].tolist(), scores.tolist()))
+    def _lyric_ranking(self, found: recommend.LyricQuery, limit: int) -> list[tuple[int, float]]:
+        """The `limit` best songs, best first (ties by song id, so a ranking never depends on the machine)."""
+        relevance = found.relevance
+        if limit < len(relevance):
+            # the limit-th best value and everything tied with it: a partial sort that keeps ties whole
+            cut = np.partition(relevance, len(relevance) - limit)[len(relevance) - limit]
+            rows = np.flatnonzero(relevance >= cut)
+        else:
+            rows = np.arange(len(relevance))
+        rows = rows[np.lexsort((self._lyrics.songs[rows], -relevance[rows]))][:limit]
+        scores = recommend.calibrated(relevance[rows], self._calibration)
+        return list(zip(self._lyrics.songs[rows].tolist(), scores.tolist()))
+
+    def _lyric_score_for(self, found: recommend.LyricQuery, song: int) -> float | None:
+        position = int(np.searchsorted(self._lyrics.songs, song))
+        if position >= len(self._lyrics.songs) or self._lyrics.songs[position] != song:
+            return None
+        return float(recommend.calibrated(found.relevance[position], self._calibration))
 
     def _lyric_evidence(self, found: recommend.LyricQuery, song: int) -> str:
         position = int(np.searchsorted(self._lyrics.songs, song))
@@ -285,7 +300,7 @@ class Catalog:
     def recommend(self, features: Mapping[str, float] | Sequence[float] | np.ndarray | None, text: str | None,
                   k: int = 10, *, pool: int = 100) -> tuple[list[SongMatch], list[SongMatch], list[SongMatch]]:
         """The three lists at once — by features, by lyrics, fused — each search and the embedding done once."""
-        k = _check_k(k)
+        k = check_k(k)
         text = (text or "").strip()
         if features is None and not text:
             raise InputError("The fused list needs audio features, text, or both.")
@@ -293,8 +308,8 @@ class Catalog:
         query, present = _feature_query(features) if features is not None else (None, None)
         feature_scores = dict(self._feature_ranking(query, present, pool)) if query is not None else {}
         found = self._lyric_query(text) if text and self._passage_count else None
-        lyric_all = self._lyric_ranking(found) if found is not None else []
-        lyric_scores = dict(lyric_all[:pool])
+        lyric_top = self._lyric_ranking(found, pool) if found is not None else []
+        lyric_scores = dict(lyric_top)
         # complete both rankings over the whole candidate pool, so a song strong on both sides is seen as such
         if query is not None:
             for song in set(lyric_scores) - set(feature_scores):
@@ -302,10 +317,10 @@ class Catalog:
                 if score is not None:
                     feature_scores[song] = score
         if found is not None:
-            every = dict(lyric_all)
             for song in set(feature_scores) - set(lyric_scores):
-                if song in every:
-                    lyric_scores[song] = every[song]
+                score = self._lyric_score_for(found, song)
+                if score is not None:
+                    lyric_scores[song] = score
         fused = []
         for song, score, ranks in recommend.fuse({"features": feature_scores, "lyrics": lyric_scores})[:k]:
             parts = []
@@ -319,7 +334,7 @@ class Catalog:
         by_features = sorted(feature_scores.items(), key=lambda item: (-item[1], item[0]))[:k] if query is not None \
             else []
         return ([self._feature_match(song, score, query, present) for song, score in by_features],
-                [self._match(song, score, self._lyric_evidence(found, song)) for song, score in lyric_all[:k]],
+                [self._match(song, score, self._lyric_evidence(found, song)) for song, score in lyric_top[:k]],
                 fused)
 
     def _feature_score_for(self, query: np.ndarray, present: np.ndarray, song: int) -> float | None:
@@ -360,16 +375,3 @@ def _feature_query(features) -> tuple[np.ndarray, np.ndarray]:
         return as_matrix(features)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-
-
-def _check_k(k) -> int:
-    """A positive whole number; the upper limit is the app's (`Settings.max_k`, checked by the facade)."""
-    if isinstance(k, bool):
-        raise InputError(f"k must be a whole number, got {k!r}.")
-    try:
-        value = float(k)
-    except (TypeError, ValueError):
-        raise InputError(f"k must be a whole number, got {k!r}.") from None
-    if not math.isfinite(value) or value != int(value) or value < 1:
-        raise InputError(f"k must be a whole number of at least 1, got {k!r}.")
-    return int(value)

@@ -24,9 +24,16 @@ TOPICS = "topics.npy"  # per song with lyrics: its lyric-topic profile (`manifes
 TOPIC_MODEL = "topic_model.npy"  # one prototype embedding per topic, to read a query's topics
 REQUIRED_FILES = (SONGS, FEATURE_IDS, FEATURE_INDEX, PASSAGE_IDS, PASSAGE_INDEX, BAGS, TOPICS, TOPIC_MODEL)
 
-__all__ = ["SCHEMA_VERSION", "REQUIRED_FILES", "file_sha256", "words", "stem"]
+__all__ = ["SCHEMA_VERSION", "REQUIRED_FILES", "file_sha256", "words", "stem", "spotify_id"]
 
 _WORD = re.compile(r"[a-z0-9']+")
+# Spotify's track ids: 22 base-62 characters. Anything else never reaches a link or the embedded player.
+_SPOTIFY_ID = re.compile(r"[A-Za-z0-9]{22}")
+
+
+def spotify_id(value) -> str | None:
+    """`value` if it has the shape of a Spotify track id, else None (checked at build and again at render)."""
+    return value if isinstance(value, str) and _SPOTIFY_ID.fullmatch(value) else None
 
 
 def words(text: str) -> list[str]:

@@ -64,6 +64,14 @@ def bag_words(text: str) -> list[str]:
     return [stem(w) for w in words(text) if len(w) >= 2 and w not in STOPWORDS]
 
 
+def lyric_query(caption: str, emotion: str) -> str:
+    """What lyric search looks for when a photo asks: the caption plus its mood in words."""
+    from .prompt import EMOTION_WORDS
+
+    words_ = ", ".join((emotion,) + EMOTION_WORDS.get(emotion, ()))
+    return f"{caption}. {words_}" if caption else words_
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
@@ -154,13 +162,18 @@ class LyricScorer:
         lexical = self.words_score(query_words)
         line = max(_ramp(float(lexical.max()) if len(lexical) else 0.0, LINE_WORDS),
                    _ramp(float(best.max()) if len(best) else 0.0, LINE_BEST))
-        first = np.argsort(-(_z(whole) + _z(best)), kind="stable")[:PRF_SONGS]
+        first = _top(_z(whole) + _z(best), PRF_SONGS)
         topics = softmax(self.prototypes @ q, PROTOTYPE_TEMPERATURE) + self.topics[first].mean(axis=0)
         topics = topics / topics.sum()
         fit = self.topics @ topics
         relevance = W_BEST * best + W_WHOLE * whole + W_WORDS * lexical + (1 - line) * W_TOPIC * _z(fit)
         return LyricQuery(relevance=relevance, best=best, query_topics=topics, line=line,
                           words=list(dict.fromkeys(query_words)))
+
+
+def _top(values: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the n largest values (as a set: pseudo-relevance feedback only averages them)."""
+    return np.argpartition(-values, n - 1)[:n] if n < len(values) else np.arange(len(values))
 
 
 def _ramp(value: float, bounds: tuple[float, float]) -> float:

@@ -375,7 +375,7 @@ def bench_analyze(args) -> dict:
 
     from pipeline.captioner import Captioner
     from pipeline.catalog import Catalog
-    from pipeline.core import lyric_query
+    from pipeline.recommend import lyric_query
     from pipeline.embedder import SentenceEmbedder
     from pipeline.mood import ClipImageEncoder, ZeroShotMood
     from pipeline.prompt import build_prompt
@@ -439,7 +439,7 @@ def bench_analyze(args) -> dict:
 
         def recommend(text_and_mood):
             text, m = text_and_mood
-            query = lyric_query(text, m)
+            query = lyric_query(text, m.emotion)
             return (catalog.search_features(m.features, k=10), catalog.search_lyrics(query, k=10),
                     catalog.search_fused(m.features, query, k=10))
 

@@ -151,6 +151,10 @@ class Record:
     lyrics_source: str | None = None
     topic: str | None = None  # the tcc_ceds topic label of the lyrics
 
+    def __post_init__(self):
+        # every source alike: an id that is not Spotify's shape is dropped here, not trusted downstream
+        self.spotify_id = schema.spotify_id(self.spotify_id)
+
 
 def _year(value) -> int | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -267,7 +271,6 @@ def records_from_table(table: pd.DataFrame, source: str) -> list[Record]:
     records = []
     for row in table.to_dict("records"):
         spotify = row.get(cols["spotify_id"]) if cols["spotify_id"] else None
-        spotify = spotify if isinstance(spotify, str) and re.fullmatch(r"[0-9A-Za-z]{22}", spotify) else None
         feats = {f: _num(row[c]) for f, c in feature_cols.items()}
         lyrics = (row.get(cols["lyrics"]) or None) if cols["lyrics"] else None
         records.append(Record(title=str(row[title_col]), artist=str(row[artist_col]), source=source,

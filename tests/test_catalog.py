@@ -340,3 +340,12 @@ def test_bags_of_words_are_unordered_single_words(small_index):
     assert bags["word"].str.fullmatch(r"[a-z0-9']+").all() and (bags["count"] > 0).all()
     for _, group in bags.groupby("song"):
         assert group["word"].tolist() == sorted(group["word"])  # alphabetical, never the lyric's order
+
+
+@pytest.mark.parametrize("bad", ['x" onload="alert(1)', "4uLU6hMCjMI75M1A2tKUQ", "4uLU6hMCjMI75M1A2tKUQC/../..", ""])
+def test_the_build_drops_spotify_ids_of_the_wrong_shape_from_every_source(bad):
+    from scripts import build_index as b
+
+    assert b.Record(title="t", artist="a", source="tidytuesday", spotify_id=bad).spotify_id is None
+    good = b.Record(title="t", artist="a", source="musicoset", spotify_id="4uLU6hMCjMI75M1A2tKUQC")
+    assert good.spotify_id == "4uLU6hMCjMI75M1A2tKUQC"
