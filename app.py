@@ -18,7 +18,6 @@ import logging
 import os
 import queue
 import random
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import plotly.graph_objects as go
 from gradio.components.api_component import Api as ApiParameter
 from gradio.data_classes import FileData
 
+from pipeline import catalog_schema
 from pipeline.audio import wav_bytes
 from pipeline.components import missing_models_message, status_report
 from pipeline.core import Pipeline, get_pipeline
@@ -63,7 +63,6 @@ RADAR_AXES = ("valence", "energy", "danceability", "acousticness", "instrumental
               "tempo", "loudness")
 RADAR_LABELS = {"danceability": "dance", "acousticness": "acoustic", "instrumentalness": "instrumental",
                 "speechiness": "speech", "liveness": "live", "loudness": "loud"}
-SPOTIFY_ID = re.compile(r"[A-Za-z0-9]{22}")
 # ZeroGPU lends a GPU for a declared time: model start-up plus a few seconds per second of music, capped
 ZERO_GPU_BASE_S, ZERO_GPU_PER_AUDIO_S, ZERO_GPU_MAX_S = 20, 4, 300
 DEFAULT_SAMPLING = Sampling()
@@ -169,8 +168,7 @@ def song_rows(songs) -> list[list]:
 def spotify_id(song: dict | None) -> str | None:
     """The song's Spotify id if it has the shape Spotify uses (22 base-62 characters), else None: whatever a
     rebuilt catalog holds, only such an id ever reaches a link or the embedded player."""
-    value = (song or {}).get("spotify_id") or ""
-    return value if SPOTIFY_ID.fullmatch(value) else None
+    return catalog_schema.spotify_id((song or {}).get("spotify_id"))
 
 
 def _escape_markdown(text: str) -> str:

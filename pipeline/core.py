@@ -28,10 +28,11 @@ from .images import ImageSource, LoadedImage, load_image
 from .mood import MoodResult
 from .music.request import DurationLimits, MusicRequest, Sampling
 from .prompt import MusicPrompt, build_prompt, check_genre, clean_user_prompt
+from .recommend import lyric_query
 from .settings import Settings
 from .validate import check_k
 
-__all__ = ["Analysis", "ComponentStatus", "Pipeline", "get_pipeline", "lyric_query"]
+__all__ = ["Analysis", "ComponentStatus", "Pipeline", "get_pipeline"]
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,7 @@ class Pipeline:
         except UserFacingError as exc:
             notes.append(str(exc))
             return [], [], []
-        query = lyric_query(caption, mood)
+        query = lyric_query(caption, mood.emotion)
         try:
             by_features, by_lyrics, fused = catalog.recommend(mood.features, query, k=k)
         except UserFacingError as exc:
@@ -453,14 +454,6 @@ class Pipeline:
         return Janitor([Bound(s.audio_dir, s.temp_max_age_s, s.temp_max_mb * 1_000_000),
                         Bound(Path(upload_folder), s.upload_max_age_s, int(s.upload_max_mb * 1_000_000))],
                        every_s=s.janitor_every_s)
-
-
-def lyric_query(caption: str, mood: MoodResult) -> str:
-    """What lyric search looks for: the caption plus the mood in words."""
-    from .prompt import EMOTION_WORDS
-
-    words = ", ".join((mood.emotion,) + EMOTION_WORDS.get(mood.emotion, ()))
-    return f"{caption}. {words}" if caption else words
 
 
 _PIPELINES: dict[Settings, Pipeline] = {}

@@ -6,6 +6,7 @@ fingerprint — the embeddings of fixed probe sentences — and `check_fingerpri
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,23 @@ class SentenceEmbedder:
 
     def fingerprint(self) -> list[list[float]]:
         return [[round(float(v), 6) for v in row] for row in self.encode(PROBE_SENTENCES)]
+
+
+def encode_cached(embedder, texts: Sequence[str], cache_dir: Path, show_progress: bool = False) -> np.ndarray:
+    """`embedder.encode(texts)`, kept in `cache_dir` under a digest of the model, its revision and every text: the
+    catalog build and the evaluation's baselines embed the same 45k passages, which takes many CPU minutes."""
+    digest = hashlib.sha256("\n".join([embedder.info.model_id, embedder.info.revision, *texts]).encode())
+    path = Path(cache_dir) / f"{digest.hexdigest()[:24]}.npy"
+    if path.is_file():
+        vectors = np.load(path, allow_pickle=False)
+        if vectors.shape == (len(texts), embedder.info.dimension):
+            return vectors
+    vectors = embedder.encode(texts, show_progress=show_progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npy")
+    np.save(partial, vectors, allow_pickle=False)
+    partial.replace(path)
+    return vectors
 
 
 def fingerprint_matches(expected: Sequence[Sequence[float]], actual: Sequence[Sequence[float]]) -> tuple[bool, float]:

@@ -3,11 +3,11 @@
 Raw features live in different units (tempo in BPM, loudness in dB, duration in ms, key as a pitch class), so a
 plain Euclidean distance would be dominated by tempo and duration. `FeatureSpace` maps them to a comparable space:
 
-1. bound: tempo clipped to [50, 200] BPM, loudness to [-30, 0] dB, duration to [1, 10] min and then log-scaled,
-   the 0–1 features to [0, 1];
+1. bound every feature to `BOUNDS` (tempo [50, 200] BPM, loudness [-30, 0] dB, duration [1, 10] min, the 0–1
+   features [0, 1]); duration is then log-scaled;
 2. key is placed on the circle of fifths as (cos, sin), so C is next to G and F, not to C#;
 3. standardise every column with the catalog's mean and standard deviation (stored in the index manifest);
-4. multiply by per-feature weights (`WEIGHTS`): mood-bearing features (valence, energy, danceability) count most,
+4. multiply by per-feature weights (`WEIGHTS`): mood-bearing features (valence, energy, acousticness) count most,
    descriptive ones (key, duration, time signature, liveness) least.
 
 The search distance is the L2 distance in that space, and a similarity in [0, 1] is `exp(-d² / tau)`, where tau is
@@ -27,7 +27,7 @@ FEATURES: tuple[str, ...] = (
     "instrumentalness", "liveness", "valence", "tempo", "duration_ms", "time_signature",
 )
 
-# Where each feature lives in Spotify units; used to validate inputs and to bound predictions.
+# Where each feature may lie in Spotify units: inputs outside are refused, predictions are clipped to it.
 RANGES: dict[str, tuple[float, float]] = {
     "danceability": (0.0, 1.0), "energy": (0.0, 1.0), "key": (0.0, 11.0), "loudness": (-60.0, 5.0),
     "mode": (0.0, 1.0), "speechiness": (0.0, 1.0), "acousticness": (0.0, 1.0), "instrumentalness": (0.0, 1.0),
@@ -35,16 +35,22 @@ RANGES: dict[str, tuple[float, float]] = {
     "time_signature": (1.0, 7.0),
 }
 
-# Where a feature is still informative for comparing songs (and for drawing it): values outside are clipped.
+# The range in which songs are compared (and drawn): values beyond it are clipped, so a 230 BPM track is not
+# further from the rest than a 200 BPM one. Key is placed on the circle of fifths instead (see `_bounded`).
 BOUNDS: dict[str, tuple[float, float]] = {
-    **{name: (0.0, 1.0) for name in FEATURES}, "key": (0.0, 11.0), "tempo": (50.0, 200.0), "loudness": (-30.0, 0.0),
-    "duration_ms": (60_000.0, 600_000.0), "time_signature": (1.0, 7.0),
+    "danceability": (0.0, 1.0), "energy": (0.0, 1.0), "key": (0.0, 11.0), "loudness": (-30.0, 0.0),
+    "mode": (0.0, 1.0), "speechiness": (0.0, 1.0), "acousticness": (0.0, 1.0), "instrumentalness": (0.0, 1.0),
+    "liveness": (0.0, 1.0), "valence": (0.0, 1.0), "tempo": (50.0, 200.0), "duration_ms": (60_000.0, 600_000.0),
+    "time_signature": (1.0, 7.0),
 }
+LOG_SCALED = ("duration_ms",)
 
 UNITS = {"loudness": "dB", "tempo": "BPM", "duration_ms": "ms"}
 
+# Chosen by measurement (`scripts/eval_recs.py`, mood consistency; a grid over the four mood-bearing weights scored
+# on random halves of the development mood table): valence, energy and acousticness separate moods most.
 WEIGHTS: dict[str, float] = {
-    "valence": 1.5, "energy": 1.5, "danceability": 1.2, "acousticness": 1.0, "tempo": 1.0,
+    "valence": 4.5, "energy": 4.5, "danceability": 1.2, "acousticness": 3.0, "tempo": 1.0,
     "instrumentalness": 0.8, "loudness": 0.7, "mode": 0.6, "speechiness": 0.6, "liveness": 0.3,
     "key": 0.3, "duration_ms": 0.2, "time_signature": 0.2,
 }
@@ -67,9 +73,7 @@ def _bounded(features: np.ndarray) -> np.ndarray:
             col += 2
             continue
         v = np.clip(v, *BOUNDS[name])
-        if name == "duration_ms":
-            v = np.log(v)
-        out[:, col] = v
+        out[:, col] = np.log(v) if name in LOG_SCALED else v
         col += 1
     return out
 
@@ -156,8 +160,8 @@ class FeatureSpace:
         return {"columns": list(SPACE_COLUMNS), "mean": [round(float(v), 10) for v in self.mean],
                 "std": [round(float(v), 10) for v in self.std], "weights": {k: WEIGHTS[k] for k in FEATURES},
                 "tau": round(self.tau, 10),
-                "bounds": {"tempo": [50, 200], "loudness": [-30, 0], "duration_ms": [60000, 600000],
-                           "duration_transform": "log"}}
+                "bounds": {name: list(BOUNDS[name]) for name in FEATURES if name != "key"},
+                "log_scaled": list(LOG_SCALED)}
 
     @classmethod
     def from_json(cls, data: dict) -> "FeatureSpace":
@@ -180,22 +184,20 @@ def closest_features(query: np.ndarray, song: np.ndarray, present: np.ndarray, s
     return sorted(gaps, key=lambda name: (gaps[name], -WEIGHTS[name]))[:limit]
 
 
-def describe_feature(name: str, value: float) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return f"{name} n/a"
-    if name == "tempo":
-        return f"tempo {value:.0f} BPM"
-    if name == "loudness":
-        return f"loudness {value:.1f} dB"
-    if name == "mode":
-        return "major" if value >= 0.5 else "minor"
-    if name == "key":
-        return f"key {KEY_NAMES[int(round(value)) % 12]}"
-    if name == "duration_ms":
-        return f"length {value / 60000:.1f} min"
-    if name == "time_signature":
-        return f"{int(round(value))}/4 time"
-    return f"{name} {value:.2f}"
+def describe_pair(name: str, wanted: float, found: float) -> str:
+    """'energy 0.82 ↔ 0.80': the value asked for (the photo's) beside the song's, in the feature's units."""
+    def value(v: float) -> str:
+        if name == "tempo":
+            return f"{v:.0f}"
+        if name == "loudness":
+            return f"{v:.1f}"
+        if name == "duration_ms":
+            return f"{v / 60000:.1f}"
+        return f"{v:.2f}"
+
+    unit = {"tempo": " BPM", "loudness": " dB", "duration_ms": " min"}.get(name, "")
+    label = "length" if name == "duration_ms" else name
+    return f"{label} {value(wanted)} ↔ {value(found)}{unit}"
 
 
 KEY_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")

@@ -24,7 +24,8 @@ class Range:
         if self.integer and not whole or not self.low <= number <= self.high:
             kind = "a whole number" if self.integer else "a number"
             off = f" ({self.off:g} = off)" if self.off is not None else ""
-            raise InputError(f"{name} must be {kind} from {self.low:g}{off} to {self.high:g}, got {value!r}.")
+            span = f"from {self.low:g}{off} to {self.high:g}" if math.isfinite(self.high) else f"of at least {self.low:g}"
+            raise InputError(f"{name} must be {kind} {span}, got {value!r}.")
         return int(number) if self.integer else number
 
 
@@ -40,6 +41,7 @@ def finite_number(name: str, value) -> float:
     return number
 
 
-def check_k(k, max_k: int) -> int:
-    """How many songs one list may hold: 1..max_k (the I2M_MAX_K setting)."""
+def check_k(k, max_k: float = math.inf) -> int:
+    """How many songs one list may hold: 1..max_k (the facade passes the I2M_MAX_K setting; the catalog on its own
+    takes any positive k and returns at most every song it has)."""
     return Range(1, max_k, integer=True).check("k", k)

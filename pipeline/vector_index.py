@@ -80,7 +80,3 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     k = max(1, min(k, index.ntotal))
     return index.search(queries, k)
-
-
-def to_bytes(index) -> bytes:
-    return _faiss().serialize_index(index).tobytes()

@@ -7,15 +7,17 @@
 
 Steps: read every source into one schema → de-duplicate by Spotify id, then by normalised artist + title (with the
 first credited artist as fallback) → impute and flag a missing time signature → cut lyrics into stanza-sized
-passages and embed them with all-MiniLM-L6-v2 → keep only vectors, keywords and themes (never lyric text) → write
-parquet / FAISS files and a manifest with checksums. Output is deterministic: the same inputs give the same bytes.
+passages and embed them with all-MiniLM-L6-v2 → per-song bags of words (unordered single words with counts),
+keywords, and lyric-topic profiles learned from the tcc_ceds topic labels → write parquet / FAISS / npy files and a
+manifest with checksums (the contract is `pipeline/catalog_schema.py`). Never lyric text. Output is deterministic:
+the same inputs give the same bytes. Passage embeddings are cached (`I2M_CACHE_DIR`/embeddings), so a rebuild
+after a change elsewhere does not embed again.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import io
 import json
 import math
@@ -36,11 +38,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline import vector_index  # noqa: E402
+from pipeline import catalog_schema as schema  # noqa: E402
+from pipeline import recommend, vector_index  # noqa: E402
+from pipeline.catalog_schema import SCHEMA_VERSION, file_sha256  # noqa: E402
 from pipeline.features import FEATURES, FeatureSpace  # noqa: E402
 
-SCHEMA_VERSION = 1
-BUILDER_VERSION = "1.0"
+BUILDER_VERSION = "2.0"
 PASSAGE_WORDS = 40
 MIN_LYRIC_WORDS = 12
 KEYWORDS_PER_SONG = 8
@@ -50,29 +53,23 @@ DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 SONG_COLUMNS = ["id", "title", "artist", "year", "genre", "popularity", "spotify_id", *FEATURES,
                 "time_signature_imputed", "sources", "has_features", "has_lyrics", "keywords", "themes"]
 
-# Lyric themes: each song's passages are compared with these descriptions to name what it is about.
-THEMES = {
-    "love": "falling in love, romance and tenderness",
-    "heartbreak": "a broken heart after a breakup, crying over a lost lover",
-    "party": "partying and dancing all night at the club",
-    "night life": "the city at night, lights, streets and cars",
-    "faith": "faith, prayer, god and heaven",
-    "family": "home, family, mother and father",
-    "freedom": "freedom, the open road and running away",
-    "money": "money, fame, success and luxury",
-    "nature": "nature, sun, rain, sea and the seasons",
-    "loneliness": "being lonely and alone, nobody to talk to",
-    "nostalgia": "memories of the old days and growing up",
-    "anger": "anger, rebellion and fighting back",
-    "hope": "hope, strength and a brighter tomorrow",
-    "loss": "grief, death and loss",
-    "friendship": "friends sticking together",
-    "summer fun": "summer, sunshine, beaches and good times",
-    "desire": "desire, passion and seduction",
-    "dreams": "dreams, stars and the sky",
-    "travel": "travelling, trains, planes and leaving town",
-    "youth": "being young, wild and free",
+# Lyric topics: the `topic` labels of the tcc_ceds table (CC BY 4.0): name → (shown as, description written from
+# the name). The build appends each topic's most telling lyric words, measured on the labelled songs, and embeds
+# the result as the topic's prototype: a caption is compared with these to find the topics it asks for.
+TOPICS = {
+    "feelings": ("feelings", "feelings, emotions, the heart, what I feel inside, touch, tenderness"),
+    "music": ("music", "music, songs, singing, dancing to the band, rhythm, beat"),
+    "night/time": ("night and time", "night, moon, stars, time passing, midnight, dreams until morning"),
+    "obscene": ("explicit", "sex, money, drugs, bitches, swearing, gangsters, guns in the street"),
+    "romantic": ("romance", "romance, love, kisses, my darling, holding you tight forever"),
+    "sadness": ("sadness", "sadness, tears, crying, pain, a broken heart, loneliness, death"),
+    "violence": ("violence", "violence, war, fighting, blood, killing, fire, destruction"),
+    "world/life": ("life and the world", "the world, life, work, people, the struggle of living, land, years"),
 }
+TOPIC_WORDS = 12  # telling words appended to each topic's description
+TOPIC_MIN_SONGS = 20  # a telling word is used by at least this many labelled songs
+TOPIC_FOLDS = 5
+TOPIC_RIDGE = 1.0
 
 SOURCE_CREDITS = {
     "tidytuesday": {"title": "TidyTuesday 2020-01-21 'Spotify songs' (spotifyr)", "licence": "CC0-1.0",
@@ -86,16 +83,6 @@ SOURCE_CREDITS = {
                  "licence": "CC BY 4.0", "url": "https://data.mendeley.com/datasets/3t9vbwxgr5/3"},
 }
 
-_STOPWORDS = set("""a about above after again against all am an and any are as at be because been before being below
-between both but by can could did do does doing down during each few for from further had has have having he her here
-hers herself him himself his how i if in into is it its itself just let me more most my myself no nor not now of off
-on once only or other our ours ourselves out over own same she should so some such than that the their theirs them
-themselves then there these they this those through to too under until up very was we were what when where which while
-who whom why will with would you your yours yourself yourselves im youre dont cant wont aint ill ive id youll youve
-theyre thats whats gonna wanna gotta yeah oh ooh ah uh hey la na da got get gets like know go going come comes came
-one two three say said tell told make made way cause cuz baby want wanna let lets ya yo yes nah mmm hmm whoa woah
-verse chorus intro outro hook bridge repeat instrumental x2 x3 x4 ahh ohh ooh oooh woo whoo ayy uhh huh
-couldn wouldn shouldn didn doesn isn wasn weren haven hasn hadn don won ain gon til em ima imma mmmm""".split())
 # Words a family audience would not want in a keyword list.
 _BLOCKED = set("""fuck fucking fucked fucker motherfucker motherfuckin shit bitch bitches nigga niggas nigger pussy dick
 cock cunt whore hoe hoes ass asshole damn bastard slut""".split())
@@ -162,6 +149,11 @@ class Record:
     features: dict | None = None  # name → value in Spotify units; absent names are missing
     lyrics: str | None = None
     lyrics_source: str | None = None
+    topic: str | None = None  # the tcc_ceds topic label of the lyrics
+
+    def __post_init__(self):
+        # every source alike: an id that is not Spotify's shape is dropped here, not trusted downstream
+        self.spotify_id = schema.spotify_id(self.spotify_id)
 
 
 def _year(value) -> int | None:
@@ -247,7 +239,8 @@ def read_tcc_ceds(path: Path) -> list[Record]:
         records.append(Record(title=str(row.track_name).title(), artist=str(row.artist_name).title(),
                               source="tcc_ceds", year=_year(row.release_date), genre=str(row.genre),
                               features={k: v for k, v in feats.items() if v is not None},
-                              lyrics=row.lyrics if isinstance(row.lyrics, str) else None, lyrics_source="tcc_ceds"))
+                              lyrics=row.lyrics if isinstance(row.lyrics, str) else None, lyrics_source="tcc_ceds",
+                              topic=row.topic if isinstance(row.topic, str) else None))
     return records
 
 
@@ -278,7 +271,6 @@ def records_from_table(table: pd.DataFrame, source: str) -> list[Record]:
     records = []
     for row in table.to_dict("records"):
         spotify = row.get(cols["spotify_id"]) if cols["spotify_id"] else None
-        spotify = spotify if isinstance(spotify, str) and re.fullmatch(r"[0-9A-Za-z]{22}", spotify) else None
         feats = {f: _num(row[c]) for f, c in feature_cols.items()}
         lyrics = (row.get(cols["lyrics"]) or None) if cols["lyrics"] else None
         records.append(Record(title=str(row[title_col]), artist=str(row[artist_col]), source=source,
@@ -327,6 +319,7 @@ class Song:
     sources: set
     lyrics: str | None = None
     lyrics_source: str | None = None
+    topic: str | None = None
 
 
 def _rank(source: str) -> int:
@@ -354,6 +347,7 @@ def merge_records(records: Iterable[Record]) -> list[Song]:
         song.spotify_id = song.spotify_id or rec.spotify_id
         song.year = min(y for y in (song.year, rec.year) if y) if (song.year or rec.year) else None
         song.genre = song.genre or rec.genre
+        song.topic = song.topic or rec.topic
         song.popularity = max(p for p in (song.popularity, rec.popularity) if p is not None) \
             if (song.popularity is not None or rec.popularity is not None) else None
         if rec.lyrics and (not song.lyrics or (rec.lyrics_source == "billboard_lyrics"
@@ -373,7 +367,8 @@ def merge_records(records: Iterable[Record]) -> list[Song]:
             songs.append(Song(title=rec.title.strip(), artist=rec.artist.strip(), spotify_id=rec.spotify_id,
                               year=rec.year, genre=rec.genre, popularity=rec.popularity,
                               features=dict(rec.features or {}), feature_source_rank=_rank(rec.source),
-                              sources={rec.source}, lyrics=rec.lyrics, lyrics_source=rec.lyrics_source))
+                              sources={rec.source}, lyrics=rec.lyrics, lyrics_source=rec.lyrics_source,
+                              topic=rec.topic))
             index = len(songs) - 1
         else:
             absorb(index, rec)
@@ -386,16 +381,9 @@ def merge_records(records: Iterable[Record]) -> list[Song]:
 
 # -- lyrics → passages, keywords ----------------------------------------------------------------------------------
 
-_WORD = re.compile(r"[a-z0-9']+")
-
-
-def lyric_words(text: str) -> list[str]:
-    return [w.strip("'") for w in _WORD.findall(_ascii_lower(text)) if w.strip("'")]
-
-
 def passages(text: str, size: int = PASSAGE_WORDS) -> list[str]:
     """Stanza-sized windows of `size` words; a short tail joins the previous window; repeats (choruses) once."""
-    words = lyric_words(text)
+    words = schema.words(text)
     if len(words) < MIN_LYRIC_WORDS:
         return []
     chunks = [words[i:i + size] for i in range(0, len(words), size)]
@@ -415,7 +403,7 @@ def keywords_by_song(lyrics: list[list[str]], limit: int = KEYWORDS_PER_SONG, mi
 
     Only plain words (3-12 letters, no stop words or slurs) used by at least `min_songs` songs: one-off tokens are
     mostly transcription debris, such as words glued together where a line break was lost."""
-    docs = [[w for w in words if 3 <= len(w) <= 12 and w.isalpha() and w not in _STOPWORDS and w not in _BLOCKED
+    docs = [[w for w in words if 3 <= len(w) <= 12 and w.isalpha() and w not in recommend.STOPWORDS and w not in _BLOCKED
              and "chorus" not in w and "verse" not in w] for words in lyrics]
     df = Counter(w for doc in docs for w in set(doc))
     n = max(1, len(docs))
@@ -462,14 +450,6 @@ def build_songs_table(songs: list[Song]) -> tuple[pd.DataFrame, list[Song]]:
     return table, songs
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_parquet(table: pd.DataFrame, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -500,15 +480,69 @@ CALIBRATION_QUERIES = (
 )
 
 
-def lyric_calibration(vectors: np.ndarray, query_vectors: np.ndarray) -> dict:
-    """Chance level of query-to-passage similarity: mean and std of the cosine between query-like texts and all
-    passages (almost all of them unrelated to any one query). A score of 0.5 sits `center_sigmas` above chance."""
-    sims = (query_vectors.astype(np.float32) @ vectors.astype(np.float32).T).ravel()
-    mean, std = float(np.mean(sims)), float(np.std(sims))
-    sigmas = 2.5
-    return {"chance_mean": round(mean, 6), "chance_std": round(std, 6), "center_sigmas": sigmas,
-            "center": round(mean + sigmas * std, 6), "width": round(std, 6),
-            "rule": "score = sigmoid((0.7*best + 0.3*mean(top3) - center) / width)"}
+def song_means(vectors: np.ndarray, passage_song: np.ndarray, n_songs: int) -> np.ndarray:
+    """(n_songs, d) normalised mean passage vector per song (zeros where a song has no lyrics)."""
+    sums = np.zeros((n_songs, vectors.shape[1]), dtype=np.float64)
+    np.add.at(sums, passage_song, vectors)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return sums / np.where(norms > 0, norms, 1.0)
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
+    xb = np.hstack([x, np.ones((len(x), 1))])
+    a = xb.T @ xb + lam * np.diag(np.r_[np.ones(x.shape[1]), 0.0])
+    return np.linalg.solve(a, xb.T @ y)
+
+
+def _apply(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return np.hstack([x, np.ones((len(x), 1))]) @ weights
+
+
+def topic_profiles(means: np.ndarray, has_lyrics: np.ndarray, labels: list[str | None],
+                   names: list[str]) -> np.ndarray:
+    """Each song's lyric-topic profile, predicted from its mean passage vector by ridge regression on the labelled
+    songs' one-hot topics. Labelled songs get out-of-fold predictions, so no song is scored by a model that saw
+    its own label."""
+    profiles = np.zeros((len(means), len(names)), dtype=np.float64)
+    labelled = np.array([i for i, t in enumerate(labels) if t in names and has_lyrics[i]], dtype=np.int64)
+    if len(labelled) < 2 * TOPIC_FOLDS:
+        return profiles.astype(np.float16)
+    y = np.zeros((len(labelled), len(names)))
+    y[np.arange(len(labelled)), [names.index(labels[i]) for i in labelled]] = 1.0
+    lyric_rows = np.flatnonzero(has_lyrics)
+    profiles[lyric_rows] = _apply(_ridge(means[labelled], y, TOPIC_RIDGE), means[lyric_rows])
+    fold = np.arange(len(labelled)) % TOPIC_FOLDS
+    for f in range(TOPIC_FOLDS):
+        weights = _ridge(means[labelled[fold != f]], y[fold != f], TOPIC_RIDGE)
+        profiles[labelled[fold == f]] = _apply(weights, means[labelled[fold == f]])
+    return np.clip(profiles, 0.0, 1.0).astype(np.float16)
+
+
+def telling_words(bags: dict[int, Counter], labels: list[str | None], names: list[str]) -> dict[str, list[str]]:
+    """Per topic, the words whose share of labelled songs using them most exceeds their share elsewhere (log-odds)."""
+    labelled = [i for i in sorted(bags) if labels[i] in names]
+    df_all: Counter = Counter(w for i in labelled for w in bags[i])
+    out = {}
+    for name in names:
+        inside = [i for i in labelled if labels[i] == name]
+        df_in: Counter = Counter(w for i in inside for w in bags[i])
+        n_in, n_out = len(inside), len(labelled) - len(inside)
+
+        def log_odds(word: str) -> float:
+            p1 = (df_in[word] + 1) / (n_in + 2)
+            p0 = (df_all[word] - df_in[word] + 1) / (n_out + 2)
+            return math.log(p1 / (1 - p1)) - math.log(p0 / (1 - p0))
+
+        candidates = [w for w, n in df_all.items() if n >= TOPIC_MIN_SONGS and w not in _BLOCKED and len(w) >= 3]
+        out[name] = sorted(candidates, key=lambda w: (-log_odds(w), w))[:TOPIC_WORDS]
+    return out
+
+
+def bags_table(bags: dict[int, Counter]) -> pd.DataFrame:
+    """(song, word, count) sorted by song then word: which words a song uses and how often, never in what order."""
+    rows = [(song, word, min(count, 32767)) for song in sorted(bags) for word, count in sorted(bags[song].items())]
+    table = pd.DataFrame(rows, columns=["song", "word", "count"])
+    return table.astype({"song": "int32", "word": "string", "count": "int16"})
 
 
 def build(args: argparse.Namespace) -> dict:
@@ -561,7 +595,7 @@ def build(args: argparse.Namespace) -> dict:
         if args.max_passages_per_song:
             parts = parts[: args.max_passages_per_song]
         if parts:
-            lyric_word_lists[i] = lyric_words(song.lyrics)
+            lyric_word_lists[i] = schema.words(song.lyrics)
             passage_texts += parts
             passage_song += [i] * len(parts)
     passage_song = np.asarray(passage_song, dtype=np.int32)
@@ -569,14 +603,16 @@ def build(args: argparse.Namespace) -> dict:
     table.loc[sorted(lyric_word_lists), "has_lyrics"] = True
     _progress(f"{len(passage_texts):,} lyric passages from {len(lyric_word_lists):,} songs")
 
-    # keywords (derived words, never lyric text in order)
+    # keywords and bags of words (derived single words, never lyric text in order)
     ids = sorted(lyric_word_lists)
     keywords = dict(zip(ids, keywords_by_song([lyric_word_lists[i] for i in ids])))
     table["keywords"] = [", ".join(keywords.get(i, [])) for i in range(len(table))]
+    bags = {i: Counter(recommend.bag_words(" ".join(lyric_word_lists[i]))) for i in ids}
+    del lyric_word_lists
 
     # embeddings
     from pipeline.artifacts import ArtifactSpec, resolve
-    from pipeline.embedder import SentenceEmbedder
+    from pipeline.embedder import SentenceEmbedder, encode_cached
     from pipeline.settings import Settings
 
     settings = Settings.from_env()
@@ -588,37 +624,57 @@ def build(args: argparse.Namespace) -> dict:
     embedder = SentenceEmbedder(resolved.path, settings.embedder_model, settings.revision_for("embedder"))
     _progress(f"embedding {len(passage_texts):,} passages with {settings.embedder_model} ({resolved.source}) ...")
     t0 = time.time()
-    vectors = embedder.encode(passage_texts, batch_size=64, show_progress=not args.quiet)
+    vectors = encode_cached(embedder, passage_texts, Path(settings.cache_dir) / "embeddings",
+                            show_progress=not args.quiet)
     # rounded to fp16 so that tiny run-to-run float noise in the encoder cannot change the quantised bytes
     vectors = vectors.astype(np.float16).astype(np.float32)
     _progress(f"embedded in {time.time() - t0:.0f} s")
-    theme_names = list(THEMES)
-    theme_vectors = embedder.encode([THEMES[t] for t in theme_names])
-    calibration_vectors = embedder.encode(list(CALIBRATION_QUERIES))
     del passage_texts
 
-    # per-song themes from the mean of its passages
-    themes_col = [""] * len(table)
-    if len(passage_song):
-        sums = np.zeros((len(table), vectors.shape[1]), dtype=np.float64)
-        np.add.at(sums, passage_song, vectors)
-        for i in ids:
-            mean = sums[i] / (np.linalg.norm(sums[i]) + 1e-12)
-            scores = theme_vectors @ mean.astype(np.float32)
-            themes_col[i] = ", ".join(theme_names[j] for j in np.argsort(-scores, kind="stable")[:3])
-    table["themes"] = themes_col
+    # lyric topics: song profiles learned from the tcc_ceds labels, query-side prototypes
+    topic_names = list(TOPICS)
+    has_lyrics = table["has_lyrics"].to_numpy(dtype=bool)
+    means = song_means(vectors, passage_song, len(table))
+    labels = [s.topic for s in songs]
+    profiles = topic_profiles(means, has_lyrics, labels, topic_names)
+    words = telling_words(bags, labels, topic_names)
+    described = embedder.encode([TOPICS[t][1] for t in topic_names])
+    telling = embedder.encode([" ".join(words[t]) or TOPICS[t][1] for t in topic_names])
+    prototypes = described + telling
+    prototypes /= np.linalg.norm(prototypes, axis=1, keepdims=True)
+    shown = [TOPICS[t][0] for t in topic_names]
+    top = np.argsort(-profiles.astype(np.float32), axis=1, kind="stable")[:, :2]
+    table["themes"] = [", ".join(shown[j] for j in top[i] if profiles[i, j] >= 0.2) if has_lyrics[i] else ""
+                       for i in range(len(table))]
+    topics_meta = {"names": topic_names, "shown_as": shown, "telling_words": words,
+                   "descriptions": {t: TOPICS[t][1] for t in topic_names},
+                   "labelled_songs": int(sum(1 for i, t in enumerate(labels) if t in TOPICS and has_lyrics[i])),
+                   "source": "tcc_ceds topic labels (CC BY 4.0), ridge on mean passage vectors, out of fold"}
 
     embedder_meta = {"model_id": settings.embedder_model, "revision": settings.revision_for("embedder"),
                      "dimension": embedder.info.dimension, "fingerprint": embedder.fingerprint()}
-    manifest = write_catalog(Path(args.out), table, vectors, passage_song, theme_names, theme_vectors,
-                             embedder_meta, used_sources, calibration_vectors=calibration_vectors)
+    bag_frame = bags_table(bags)
+    calibration = lyric_calibration(vectors, passage_song, bag_frame, profiles, prototypes,
+                                    embedder.encode(list(CALIBRATION_QUERIES)), list(CALIBRATION_QUERIES))
+    manifest = write_catalog(Path(args.out), table, vectors, passage_song, bag_frame, profiles, prototypes,
+                             topics_meta, embedder_meta, used_sources, calibration=calibration)
     _progress(f"wrote {args.out} in {time.time() - started:.0f} s: {json.dumps(manifest['counts'])}")
     return manifest
 
 
+def lyric_calibration(vectors, passage_song, bag_frame, profiles, prototypes, query_vectors, queries) -> dict | None:
+    """Chance level of the lyric rule of `pipeline.recommend`, over query-like texts and every song."""
+    if not len(passage_song):
+        return None
+    scorer = recommend.LyricScorer(vectors, passage_song, bag_frame["song"].to_numpy(), bag_frame["word"].tolist(),
+                                   bag_frame["count"].to_numpy(), profiles, prototypes)
+    return recommend.calibrate([scorer.query(q, text).relevance for q, text in zip(query_vectors, queries)])
+
+
 def write_catalog(out: Path, table: pd.DataFrame, passage_vectors: np.ndarray, passage_song: np.ndarray,
-                  theme_names: list[str], theme_vectors: np.ndarray, embedder_meta: dict, sources: list[dict],
-                  *, calibration_vectors: np.ndarray | None = None, feature_space: FeatureSpace | None = None) -> dict:
+                  bag_frame: pd.DataFrame, song_topics: np.ndarray, topic_prototypes: np.ndarray, topics_meta: dict,
+                  embedder_meta: dict, sources: list[dict], *, calibration: dict | None = None,
+                  feature_space: FeatureSpace | None = None) -> dict:
     """Write the catalog files and their manifest. Also used by the benchmark to write synthetic catalogs."""
     table = table[SONG_COLUMNS]
     with_features = table[table["has_features"]]
@@ -631,12 +687,14 @@ def write_catalog(out: Path, table: pd.DataFrame, passage_vectors: np.ndarray, p
     for stale in out.glob("*"):
         if stale.is_file() and stale.name != "README.md":
             stale.unlink()
-    _write_parquet(table, out / "songs.parquet")
-    (out / "feature_song_ids.npy").write_bytes(_npy_bytes(feature_ids))
-    vector_index.save(vector_index.build(feature_vectors, "l2"), out / "features.faiss")
-    (out / "passage_song_ids.npy").write_bytes(_npy_bytes(np.asarray(passage_song, dtype=np.int32)))
-    vector_index.save(vector_index.build(passage_vectors, "ip", storage=LYRIC_STORAGE), out / "lyrics.faiss")
-    (out / "themes.npy").write_bytes(_npy_bytes(np.asarray(theme_vectors, dtype=np.float32)))
+    _write_parquet(table, out / schema.SONGS)
+    (out / schema.FEATURE_IDS).write_bytes(_npy_bytes(feature_ids))
+    vector_index.save(vector_index.build(feature_vectors, "l2"), out / schema.FEATURE_INDEX)
+    (out / schema.PASSAGE_IDS).write_bytes(_npy_bytes(np.asarray(passage_song, dtype=np.int32)))
+    vector_index.save(vector_index.build(passage_vectors, "ip", storage=LYRIC_STORAGE), out / schema.PASSAGE_INDEX)
+    _write_parquet(bag_frame[["song", "word", "count"]], out / schema.BAGS)
+    (out / schema.TOPICS).write_bytes(_npy_bytes(np.asarray(song_topics, dtype=np.float16)))
+    (out / schema.TOPIC_MODEL).write_bytes(_npy_bytes(np.asarray(topic_prototypes, dtype=np.float32)))
 
     counts = {"songs": int(len(table)), "with_features": int(table["has_features"].sum()),
               "with_lyrics": int(table["has_lyrics"].sum()),
@@ -646,7 +704,7 @@ def write_catalog(out: Path, table: pd.DataFrame, passage_vectors: np.ndarray, p
     files = {}
     for path in sorted(out.glob("*")):
         if path.is_file() and path.name not in ("manifest.json", "README.md"):
-            files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            files[path.name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "builder": f"scripts/build_index.py {BUILDER_VERSION}",
@@ -654,12 +712,11 @@ def write_catalog(out: Path, table: pd.DataFrame, passage_vectors: np.ndarray, p
         "embedder": embedder_meta,
         "feature_space": space.to_json(),
         "lyrics": {"passage_words": PASSAGE_WORDS, "min_words": MIN_LYRIC_WORDS, "storage": LYRIC_STORAGE,
-                   "calibration": (lyric_calibration(passage_vectors, calibration_vectors)
-                                   if len(passage_song) and calibration_vectors is not None else None)},
-        "themes": list(theme_names),
+                   "calibration": calibration, "topics": topics_meta},
         "files": files,
         "sources": sources,
-        "notice": "No lyric text is stored: only passage embeddings, per-song keywords and themes.",
+        "notice": "No lyric text is stored: only passage embeddings, per-song bags of single words with counts "
+                  "(unordered), keywords and topics.",
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest

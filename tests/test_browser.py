@@ -320,3 +320,50 @@ def test_share_as_video_is_one_click_after_generate(browser, live_app, artifacts
     assert video["width"] == video["height"]  # square, as asked
     assert abs(float(facts["format"]["duration"]) - 2.0) <= 0.04 + 1e-6
     context.close()
+
+
+def _box_inside(locator, width: int) -> dict:
+    box = locator.bounding_box()
+    assert box is not None and box["width"] > 20, box  # rendered, with room for words
+    assert box["x"] >= 0 and box["x"] + box["width"] <= width + 1, (box, width)
+    return box
+
+
+def test_why_is_on_screen_on_a_laptop_and_on_a_phone(browser, live_app, artifacts_dir):
+    """At 1280 px every song column, Why included, sits inside the window without scrolling sideways; on a 390 px
+    phone the compact layout shows song, artist and why, and hides rank, year, genre and score."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(live_app, wait_until="domcontentloaded")
+    page.locator("#image-input input[type=file]").set_input_files(str(EXAMPLE))
+    page.locator("#analyze-btn").click()
+    expect(page.locator("#caption textarea")).not_to_have_value("", timeout=TIMEOUT_MS)
+    for tab, table in (("By sound", "#songs-features"), ("By lyrics", "#songs-lyrics"),
+                       ("Best of both", "#songs-fused")):
+        page.get_by_role("tab", name=tab).click()
+        first = page.locator(f'{table} [role=row][aria-rowindex="2"]').first
+        first.wait_for(timeout=TIMEOUT_MS)
+        cells = first.locator("[role=gridcell]")
+        assert cells.count() == 7
+        for i in range(7):
+            _box_inside(cells.nth(i), 1280)
+        why = cells.nth(6)
+        assert why.inner_text().strip(), tab  # every song says why
+        header = page.locator(f'{table} [role=columnheader][aria-colindex="7"]').first
+        assert "Why" in header.inner_text()
+        _box_inside(header, 1280)
+    page.get_by_role("tab", name="Best of both").click()
+    page.locator("#songs-fused").scroll_into_view_if_needed()
+    page.screenshot(path=str(artifacts_dir / "songs-1280.png"))
+
+    page.set_viewport_size({"width": 390, "height": 844})
+    row = page.locator('#songs-fused [role=row][aria-rowindex="2"]').first
+    row.scroll_into_view_if_needed()
+    cells = row.locator("[role=gridcell]")
+    for shown in (1, 2, 6):
+        _box_inside(cells.nth(shown), 390)
+    for hidden in (0, 3, 4, 5):
+        assert not cells.nth(hidden).is_visible()
+    page.screenshot(path=str(artifacts_dir / "songs-phone.png"))
+    page.close()
