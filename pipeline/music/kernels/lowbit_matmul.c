@@ -1,6 +1,6 @@
 /* y = x @ W.T with W in 4- or 5-bit groups and x quantized to int8 on the fly (llama.cpp's Q4_1/Q5_1 x Q8).
  *
- * Layout (pipeline/native_kernels.py packs it): weights come in superblocks of 512 input columns = 16 groups of
+ * Layout (pipeline/music/native.py packs it): weights come in superblocks of 512 input columns = 16 groups of
  * 32, one group per 32-bit lane. Block b (0..7) of a superblock holds, for each lane g, the 4 weights
  * [32g + 4b, 32g + 4b + 4), so one VNNI dot-product instruction (vpdpbusd: 4 u8 x s8 products summed into each
  * 32-bit lane) advances all 16 groups at once, and after 8 blocks lane g holds group g's integer sum.
