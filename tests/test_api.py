@@ -97,33 +97,6 @@ def test_a_non_image_file_is_refused_and_the_next_request_works(client, tmp_path
 
 # -- photos from links -------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def photo_server(link_port):
-    """A local web server with one JPEG, counting the requests it gets."""
-    import http.server
-    import threading
-
-    body = images.encoded(images.photo(320, 240, seed=5), "JPEG")
-    seen = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server API
-            seen.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", link_port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{link_port}", seen
-    server.shutdown()
-
-
 @pytest.mark.parametrize("endpoint", ["analyze", "caption"])
 def test_a_file_input_given_as_a_link_is_refused_before_anything_is_downloaded(live_app, photo_server, endpoint):
     """Gradio itself would download an http(s) FileData path (no size cap, per-read timeout only): the app refuses

@@ -367,3 +367,30 @@ def test_why_is_on_screen_on_a_laptop_and_on_a_phone(browser, live_app, artifact
         assert not cells.nth(hidden).is_visible()
     page.screenshot(path=str(artifacts_dir / "songs-phone.png"))
     page.close()
+
+
+def test_a_photo_from_a_link_is_fetched_and_analyzed_and_a_private_address_is_refused(browser, live_app,
+                                                                                       photo_server, artifacts_dir):
+    """The link field: Enter fetches a photo from an allowed address (a local server in the test app) and Analyze
+    runs on it; a link to a private network gets a clear message and fetches nothing."""
+    import re
+
+    from playwright.sync_api import expect
+
+    base, seen = photo_server
+    seen.clear()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(live_app, wait_until="domcontentloaded")
+    link = page.locator("#image-url textarea, #image-url input").first
+    link.fill(f"{base}/holiday.jpg")
+    link.press("Enter")
+    expect(page.locator("#caption textarea")).not_to_have_value("", timeout=TIMEOUT_MS)
+    assert seen == ["/holiday.jpg"]
+    page.locator('#songs-features [role=row][aria-rowindex="2"]').first.wait_for(timeout=TIMEOUT_MS)
+    page.screenshot(path=str(artifacts_dir / "photo-link.png"))
+
+    link.fill("http://10.0.0.7/photo.jpg")
+    page.locator("#image-url-btn").click()
+    expect(page.get_by_text(re.compile("private network")).first).to_be_visible(timeout=TIMEOUT_MS)
+    assert seen == ["/holiday.jpg"]
+    page.close()
