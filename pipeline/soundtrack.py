@@ -18,9 +18,10 @@ import numpy as np
 
 from . import media
 from .catalog import SongMatch
-from .core import Analysis, Pipeline, lyric_query
+from .core import Analysis, Pipeline
 from .errors import Cancelled, InputError
 from .images import ImageSource
+from .recommend import lyric_query
 from .music.request import SEED_LIMIT, DurationLimits, check_seed
 
 __all__ = ["Part", "Soundtrack", "album", "video_soundtrack"]
@@ -133,10 +134,9 @@ def songs_for_all(pipe: Pipeline, analyses: Sequence[Analysis], k: int = SONGS_K
         else:
             features[name] = float(np.mean(values))
     emotion = Counter(a.mood.emotion for a in analyses).most_common(1)[0][0]
-    mood = next(a.mood for a in analyses if a.mood.emotion == emotion)
     captions = "; ".join(dict.fromkeys(a.caption for a in analyses if a.caption))
     try:
-        songs = pipe.recommend(lyric_query(captions, mood), k=k, features=features)
+        songs = pipe.recommend(lyric_query(captions, emotion), k=k, features=features)
     except InputError as exc:
         notes.append(f"No songs could be suggested: {exc}")
         songs = {}
