@@ -104,3 +104,11 @@ def test_no_lyric_text_is_shipped():
             if gram in shipped:
                 assert any(gram in title for title in titles), f"lyric text found in index/: {gram!r}"
     assert checked > 1_000_000
+
+
+def test_the_documented_use_works_without_attaching_an_embedder():
+    """The module docstring's example: `Catalog.load()` then a lyric search, the embedder resolved from the
+    settings (the pinned all-MiniLM-L6-v2, here its PyPI copy) and checked against the manifest's fingerprint."""
+    catalog = Catalog.load(INDEX)
+    found = catalog.search_lyrics("driving through the city at night with the windows down", k=3)
+    assert len(found) == 3 and all(0.0 <= m.score <= 1.0 and m.why for m in found)
