@@ -64,6 +64,13 @@ def is_exact(index) -> bool:
     return not hasattr(index, "nprobe") and not hasattr(index, "hnsw")
 
 
+def all_vectors(index) -> np.ndarray:
+    """Every stored vector, row i first (an inverted-file index needs its direct map for this, built here)."""
+    if hasattr(index, "make_direct_map"):
+        index.make_direct_map()
+    return index.reconstruct_n(0, index.ntotal)
+
+
 def save(index, path: Path) -> None:
     _faiss().write_index(index, str(path))
 
@@ -76,7 +83,14 @@ def load(path: Path, nprobe: int | None = None):
     return index
 
 
-def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search(index, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest rows; with `allowed` (a mask over rows), the k nearest among the allowed rows (fewer when
+    fewer are allowed; missing places have row -1). On an exact index the mask is checked inside the scan."""
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     k = max(1, min(k, index.ntotal))
-    return index.search(queries, k)
+    if allowed is None:
+        return index.search(queries, k)
+    faiss = _faiss()
+    bits = np.packbits(np.asarray(allowed, dtype=bool), bitorder="little")  # kept alive through the search
+    selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
+    return index.search(queries, k, params=faiss.SearchParameters(sel=selector))
