@@ -133,10 +133,9 @@ def songs_for_all(pipe: Pipeline, analyses: Sequence[Analysis], k: int = SONGS_K
         else:
             features[name] = float(np.mean(values))
     emotion = Counter(a.mood.emotion for a in analyses).most_common(1)[0][0]
-    mood = next(a.mood for a in analyses if a.mood.emotion == emotion)
     captions = "; ".join(dict.fromkeys(a.caption for a in analyses if a.caption))
     try:
-        songs = pipe.recommend(lyric_query(captions, mood), k=k, features=features)
+        songs = pipe.recommend(lyric_query(captions, emotion), k=k, features=features)
     except InputError as exc:
         notes.append(f"No songs could be suggested: {exc}")
         songs = {}
