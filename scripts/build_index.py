@@ -4,6 +4,7 @@
     python scripts/build_index.py --data-dir DIR --out DIR
     python scripts/build_index.py --table my_songs.csv     # add your own table (see README: "Rebuild the catalog")
     python scripts/build_index.py --hub-dataset user/songs --no-default-sources
+    HF_TOKEN=... python scripts/build_index.py --push-to-hub user/songs   # publish; the app reads I2M_CATALOG
 
 Steps: read every source into one schema → de-duplicate by Spotify id, then by normalised artist + title (with the
 first credited artist as fallback; a song keeps every fine genre it is listed under, and their families from
@@ -775,8 +776,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit-songs", type=int, default=0, help="keep a deterministic slice (for tests)")
     parser.add_argument("--max-passages-per-song", type=int, default=0, help="cap passages per song (for tests)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="publish the built catalog as a Hub dataset repo "
+                        "(needs HF_TOKEN) and print the pinned I2M_CATALOG value")
     return parser.parse_args(argv)
 
 
+def push_to_hub(folder: Path, repo: str, token: str) -> str:
+    """Upload a built catalog as one commit of a Hub dataset repo; returns `repo@commit` for I2M_CATALOG."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    if not token:
+        raise SystemExit("--push-to-hub needs a write token in HF_TOKEN.")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    sources = "\n".join(f"- {s.get('title', s['name'])}: {s.get('licence', 'see its source')}"
+                        for s in manifest["sources"])
+    # the Spotify Tracks Dataset is ODbL: a catalog built from it is a database under the ODbL
+    card = (f"---\nlicense: odbl\n---\n# Song catalog for Picture Soundtrack\n\nBuilt by scripts/build_index.py "
+            f"(schema {manifest['schema_version']}): {json.dumps(manifest['counts'])}. No lyric text: only passage "
+            f"embeddings, bags of single words, keywords and topics.\n\nSources:\n{sources}\n")
+    operations = [CommitOperationAdd(name, str(folder / name)) for name in ["manifest.json", *manifest["files"]]]
+    operations.append(CommitOperationAdd("README.md", card.encode()))
+    api = HfApi(token=token)
+    api.create_repo(repo, repo_type="dataset", exist_ok=True)
+    commit = api.create_commit(repo, operations, repo_type="dataset",
+                               commit_message=f"Catalog: {json.dumps(manifest['counts'])}")
+    return f"{repo}@{commit.oid}"
+
+
 if __name__ == "__main__":
-    build(parse_args())
+    arguments = parse_args()
+    build(arguments)
+    if arguments.push_to_hub:
+        import os
+
+        ref = push_to_hub(Path(arguments.out), arguments.push_to_hub, os.environ.get("HF_TOKEN", ""))
+        _progress(f"published: run the app with I2M_CATALOG={ref}")
