@@ -518,3 +518,22 @@ def test_a_song_of_unknown_year_or_popularity_does_not_pass_a_filter_on_it(catal
     found = catalog.search_features({"energy": 0.5}, k=50, filters={"years": [1900, 2100], "popularity": [0, 100]})
     assert found and all(m.year is not None and m.popularity is not None for m in found)
     assert songs.year.isna().any() and songs.popularity.isna().any()
+
+
+def test_the_index_checks_a_filter_inside_its_scan_exact_and_inverted_file():
+    from pipeline import vector_index
+
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(3000, 14)).astype(np.float32)
+    allowed = rng.random(3000) < 0.3
+    query = vectors[7] + 0.01
+    truth = np.flatnonzero(allowed)[np.argsort(np.sum((vectors[allowed] - query) ** 2, axis=1))[:10]]
+    flat = vector_index.build(vectors, "l2")
+    _, rows = vector_index.search(flat, query, 10, allowed=allowed)
+    assert rows[0].tolist() == truth.tolist()
+    ivf = vector_index.build(vectors, "l2", exact_limit=100, nprobe=10_000)  # every list probed: exact again
+    assert not vector_index.is_exact(ivf)
+    _, rows = vector_index.search(ivf, query, 10, allowed=allowed)
+    assert rows[0].tolist() == truth.tolist()
+    _, few = vector_index.search(flat, query, 10, allowed=np.arange(3000) < 4)
+    assert sorted(r for r in few[0].tolist() if r >= 0) == [0, 1, 2, 3]  # fewer pass than asked: all of them
