@@ -12,8 +12,8 @@ first credited artist as fallback; a song keeps every fine genre it is listed un
 passages and embed them with all-MiniLM-L6-v2 → per-song bags of words (unordered single words with counts),
 keywords, and lyric-topic profiles learned from the tcc_ceds topic labels → write parquet / FAISS / npy files and a
 manifest with checksums (the contract is `pipeline/catalog_schema.py`). Never lyric text. Output is deterministic:
-the same inputs give the same bytes. Passage embeddings are cached (`I2M_CACHE_DIR`/embeddings), so a rebuild
-after a change elsewhere does not embed again.
+the same inputs give the same bytes. Passage embeddings are cached per text (`I2M_CACHE_DIR`/embeddings), so a
+rebuild embeds only passages it has not seen, even when a new source reorders every song.
 """
 
 from __future__ import annotations

@@ -537,3 +537,34 @@ def test_the_index_checks_a_filter_inside_its_scan_exact_and_inverted_file():
     assert rows[0].tolist() == truth.tolist()
     _, few = vector_index.search(flat, query, 10, allowed=np.arange(3000) < 4)
     assert sorted(r for r in few[0].tolist() if r >= 0) == [0, 1, 2, 3]  # fewer pass than asked: all of them
+
+
+def test_embeddings_are_cached_per_text_whatever_the_order(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.embedder import encode_cached
+
+    class Counting:
+        info = SimpleNamespace(model_id="m", revision="r", dimension=3)
+        seen: list[str] = []
+
+        def encode(self, texts, show_progress=False):
+            self.seen.extend(texts)
+            return np.array([[len(t), t.count("a"), 1.0] for t in texts], dtype=np.float32)
+
+    embedder = Counting()
+    first = encode_cached(embedder, ["a cat", "a dog", "rain"], tmp_path)
+    again = encode_cached(embedder, ["rain", "new text", "a cat", "rain"], tmp_path)  # reordered, one new
+    assert embedder.seen == ["a cat", "a dog", "rain", "new text"]
+    assert again.tolist() == [first[2].tolist(), [8, 0, 1], first[0].tolist(), first[2].tolist()]
+    # a cache file of the older kind (one whole list, in order) is taken into the store, not embedded again
+    import hashlib
+
+    legacy = ["old one", "old two"]
+    digest = hashlib.sha256("\n".join(["m", "r", *legacy]).encode()).hexdigest()[:24]
+    (tmp_path / "old").mkdir()
+    np.save(tmp_path / "old" / f"{digest}.npy", np.array([[9, 9, 9], [8, 8, 8]], dtype=np.float32))
+    embedder.seen.clear()
+    assert encode_cached(embedder, legacy, tmp_path / "old").tolist() == [[9, 9, 9], [8, 8, 8]]
+    assert encode_cached(embedder, legacy[::-1], tmp_path / "old").tolist() == [[8, 8, 8], [9, 9, 9]]
+    assert embedder.seen == []
