@@ -35,6 +35,8 @@ from pipeline.components import missing_models_message, status_report
 from pipeline.core import Pipeline, get_pipeline
 from pipeline.errors import Cancelled, ComponentLoading, ComponentUnavailable, UserFacingError
 from pipeline.features import BOUNDS
+from pipeline.filters import POPULARITY, YEARS
+from pipeline.genres import families as genre_families
 from pipeline.mood import MoodResult
 from pipeline.music import Sampling
 from pipeline.prompt import GENRES
@@ -161,8 +163,34 @@ def song_rows(songs) -> list[list]:
         d = song if isinstance(song, dict) else song.to_dict()
         title = _escape_markdown(d["title"])
         link = f"[{title}]({d['spotify_url']})" if spotify_id(d) else title
-        rows.append([rank, link, d["artist"], d["year"] or "", d["genre"], round(d["score"], 3), d["why"]])
+        rows.append([rank, link, d["artist"], d["year"] or "", genre_label(d), round(d["score"], 3), d["why"]])
     return rows
+
+
+def genre_label(song: dict) -> str:
+    """'album rock (rock)': the song's first fine genre and its families, each said once."""
+    genre, families = song.get("genre") or "", [f for f in song.get("families") or [] if f != song.get("genre")]
+    return f"{genre} ({', '.join(families)})" if genre and families else genre or ", ".join(families)
+
+
+# The year sliders' span; a slider at its end means "no limit" on that side (a song of unknown year then passes).
+YEAR_SLIDER = (1950, 2025)
+
+
+def filters_from_controls(family, year_from, year_to, popularity_from, popularity_to) -> dict:
+    """The filter controls of the Options accordion as the `filters` object of the API (`pipeline.filters`):
+    a control left at its widest says nothing."""
+    filters = {}
+    if family:
+        filters["genre"] = family
+    low, high = (int(year_from or YEAR_SLIDER[0]), int(year_to or YEAR_SLIDER[1]))
+    if (low, high) != YEAR_SLIDER:
+        filters["years"] = [low if low > YEAR_SLIDER[0] else int(YEARS.low),
+                            high if high < YEAR_SLIDER[1] else int(YEARS.high)]
+    span = (float(popularity_from or 0), float(POPULARITY.high if popularity_to is None else popularity_to))
+    if span != (POPULARITY.low, POPULARITY.high):
+        filters["popularity"] = list(span)
+    return filters
 
 
 def spotify_id(song: dict | None) -> str | None:
@@ -339,16 +367,19 @@ class Handlers:
         self.pipe, self.settings = pipe, settings
 
     @gpu(duration=60)
-    def run_analyze(self, image_path, genre, extra, k, caption=None):
-        return self.pipe.analyze(image_path, k=k, genre=genre or None, extra=extra or None, caption=caption)
+    def run_analyze(self, image_path, genre, extra, k, caption=None, filters=None):
+        return self.pipe.analyze(image_path, k=k, genre=genre or None, extra=extra or None, caption=caption,
+                                 filters=filters)
 
     @friendly
-    def analyze(self, image_path, genre, extra, k, progress=gr.Progress()):
+    def analyze(self, image_path, genre, extra, k, family="", year_from=None, year_to=None, popularity_from=None,
+                popularity_to=None, progress=gr.Progress()):
         if not image_path:
             raise user_error("Add a photo first: upload one, paste it, use the webcam, or pick an example.")
         progress(0.1, desc="Reading the photo")
+        filters = filters_from_controls(family, year_from, year_to, popularity_from, popularity_to)
         try:
-            analysis = self.run_analyze(image_path, genre, extra, k)
+            analysis = self.run_analyze(image_path, genre, extra, k, filters=filters)
         except (ComponentUnavailable, ComponentLoading) as exc:
             # one clear message where the notes go (the banner says the rest), not an error badge on every output
             return tuple(gr.skip() for _ in AnalyzeView.FIELDS[:-2]) + (f"⚠️ {exc}", gr.skip())
@@ -370,27 +401,50 @@ class Handlers:
             raise user_error("Paste a link to a photo first (https://…).")
         return self.pipe.load_image_url(url).image
 
-    def new_image(self, image_path, genre, extra, k, progress=gr.Progress()):
+    def new_image(self, image_path, genre, extra, k, family="", year_from=None, year_to=None, popularity_from=None,
+                  popularity_to=None, progress=gr.Progress()):
         if not image_path:  # the photo was cleared
             return tuple(gr.skip() for _ in AnalyzeView.FIELDS)
-        return self.analyze(image_path, genre, extra, k, progress)
+        return self.analyze(image_path, genre, extra, k, family, year_from, year_to, popularity_from, popularity_to,
+                            progress)
 
     @friendly
-    def regenerate_songs(self, caption, prompt_text, genre, extra, k, state):
+    def regenerate_songs(self, caption, prompt_text, genre, extra, k, state, family="", year_from=None,
+                         year_to=None, popularity_from=None, popularity_to=None):
         if not state:
             raise user_error("Analyze a photo first, then edit its caption or prompt.")
-        m = state["mood"]
-        mood = MoodResult(features=m["features"], emotion=m["emotion"], confidence=m["confidence"],
-                          emotion_scores=m["emotion_scores"], predictor=m["mood_predictor"])
-        by_features, by_lyrics, fused, notes = self.pipe.songs_for_text(caption, mood, k=k)
+        mood = self._mood(state)
+        filters = filters_from_controls(family, year_from, year_to, popularity_from, popularity_to)
+        by_features, by_lyrics, fused, notes = self.pipe.songs_for_text(caption, mood, k=k, filters=filters)
         # the prompt follows the edited caption unless the user rewrote the prompt themselves
         if (prompt_text or "").strip() == (state.get("prompt") or "").strip():
             prompt_text = self.pipe.prompt(caption, mood, genre=genre or None, extra=extra or None).text
-        state = {**state, "caption": caption, "prompt": prompt_text,
-                 "lists": {"features": [s.to_dict() for s in by_features], "lyrics": [s.to_dict() for s in by_lyrics],
-                           "fused": [s.to_dict() for s in fused]}}
+        state = self._with_lists({**state, "caption": caption, "prompt": prompt_text}, by_features, by_lyrics, fused)
         return (prompt_text, song_rows(by_features), song_rows(by_lyrics), song_rows(fused), notes_markdown(notes),
                 state)
+
+    @friendly
+    def refilter_songs(self, caption, k, state, family="", year_from=None, year_to=None, popularity_from=None,
+                       popularity_to=None):
+        """The three song lists again after a filter changed (the music is left alone); nothing before a photo."""
+        if not state:
+            return tuple(gr.skip() for _ in range(5))
+        filters = filters_from_controls(family, year_from, year_to, popularity_from, popularity_to)
+        by_features, by_lyrics, fused, notes = self.pipe.songs_for_text(caption, self._mood(state), k=k,
+                                                                        filters=filters)
+        state = self._with_lists(state, by_features, by_lyrics, fused)
+        return song_rows(by_features), song_rows(by_lyrics), song_rows(fused), notes_markdown(notes), state
+
+    @staticmethod
+    def _mood(state) -> MoodResult:
+        m = state["mood"]
+        return MoodResult(features=m["features"], emotion=m["emotion"], confidence=m["confidence"],
+                          emotion_scores=m["emotion_scores"], predictor=m["mood_predictor"])
+
+    @staticmethod
+    def _with_lists(state, by_features, by_lyrics, fused) -> dict:
+        return {**state, "lists": {"features": [s.to_dict() for s in by_features],
+                                   "lyrics": [s.to_dict() for s in by_lyrics], "fused": [s.to_dict() for s in fused]}}
 
     @gpu(duration=gpu_seconds)
     def run_stream(self, prompt, duration_s, seed, sampling, endless=False, continue_from=None):
@@ -560,7 +614,7 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
 
     @friendly
     def analyze(image: FileData | None = None, k: int = 10, genre: str = "", extra: str = "",
-                image_url: str = "") -> dict:
+                image_url: str = "", filters: dict | str | None = None) -> dict:
         """Caption, mood (emotion, confidence, 13 audio features), music prompt and three song lists for a photo.
 
         Args:
@@ -569,10 +623,13 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
             genre: a genre for the music prompt instead of the one chosen from the mood (empty = from the mood).
             extra: words to add to the music prompt, e.g. "with a cello solo".
             image_url: a public http(s) link to the photo, instead of image.
+            filters: optional, narrows the song lists: an object such as {"genre": "jazz", "years": [1980, 1989],
+                "popularity": [0, 40]} (genre: a family or a fine genre; years and popularity 0-100: inclusive
+                ranges; any subset). The lists hold the best songs that pass; notes say when fewer than k pass.
         """
         # the link is fetched here, outside the GPU-decorated call: a slow server never holds a GPU slot
         source = pipe.image_from(_file_path(image), image_url)
-        return handlers.run_analyze(source, genre, extra, k).to_dict()
+        return handlers.run_analyze(source, genre, extra, k, filters=filters or None).to_dict()
 
     @friendly
     def caption(image: FileData | None = None, image_url: str = "") -> str:
@@ -694,7 +751,8 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
         yield from _streamed(lambda: _chunks(prompt or None, duration_s, seed, sampling, endless, clip_id), request)
 
     @friendly
-    def recommend(text: str = "", k: int = 10, features: dict | list | str | None = None) -> dict:
+    def recommend(text: str = "", k: int = 10, features: dict | list | str | None = None,
+                  filters: dict | str | None = None) -> dict:
         """Real songs whose lyrics match free text; with audio features, also songs that sound alike and a fused list.
 
         Args:
@@ -702,6 +760,9 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
             k: songs per list, 1 to the app's limit (50 by default).
             features: optional audio features in Spotify units: an object such as {"valence": 0.3, "energy": 0.8}
                 (any subset of the 13) or a list of all 13 numbers.
+            filters: optional, narrows every list: an object such as {"genre": "jazz", "years": [1980, 1989],
+                "popularity": [0, 40]} (genre: a family or a fine genre; years and popularity 0-100: inclusive
+                ranges; any subset). The lists hold the best songs that pass; notes say when fewer than k pass.
         """
         if isinstance(features, str):
             import json
@@ -711,10 +772,13 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
             except ValueError:
                 raise user_error("features must be a JSON object of audio features or a list of 13 numbers.") \
                     from None
-        lists = pipe.recommend(text, k=k, features=features or None)
+        lists = pipe.recommend(text, k=k, features=features or None, filters=filters or None)
+        notes = lists.pop("notes", [])
         result = {name: [s.to_dict() for s in songs] for name, songs in lists.items()}
         if pipe.clean_text(text)[1]:
-            result["notes"] = [f"The text was cut to {settings.max_prompt_chars} characters."]
+            notes = [f"The text was cut to {settings.max_prompt_chars} characters.", *notes]
+        if notes:
+            result["notes"] = notes
         return result
 
     def _video_file(work, *args, **kwargs) -> Iterator[FileData | None]:
@@ -804,6 +868,11 @@ class Layout:
                 for name in AnalyzeView.FIELDS]
 
     @property
+    def filter_controls(self) -> list:
+        return [self.filter_genre, self.filter_year_from, self.filter_year_to, self.filter_popularity_from,
+                self.filter_popularity_to]
+
+    @property
     def generate_inputs(self) -> list:
         return [self.prompt, self.duration, self.seed, self.temperature, self.top_k, self.top_p, self.guidance,
                 self.endless, self.clip]
@@ -846,6 +915,20 @@ def build_layout(pipe: Pipeline, settings: Settings) -> tuple[gr.Blocks, Layout]
                     ui.extra = gr.Textbox(label="Add words to the music prompt", placeholder="e.g. with a cello solo",
                                           max_length=settings.max_prompt_chars, elem_id="extra-words")
                     ui.k = gr.Slider(3, settings.max_k, value=10, step=1, label="Songs per list", elem_id="k")
+                    ui.filter_genre = gr.Dropdown(choices=[("any genre", "")] + [(f, f) for f in genre_families()],
+                                                  value="", label="Only songs of this genre family",
+                                                  elem_id="filter-genre")
+                    with gr.Row():
+                        ui.filter_year_from = gr.Slider(*YEAR_SLIDER, value=YEAR_SLIDER[0], step=1,
+                                                        label="Released from", elem_id="filter-year-from")
+                        ui.filter_year_to = gr.Slider(*YEAR_SLIDER, value=YEAR_SLIDER[1], step=1, label="to",
+                                                      elem_id="filter-year-to")
+                    with gr.Row():
+                        ui.filter_popularity_from = gr.Slider(POPULARITY.low, POPULARITY.high, value=POPULARITY.low,
+                                                              step=1, label="Popularity from (hidden gems)",
+                                                              elem_id="filter-popularity-from")
+                        ui.filter_popularity_to = gr.Slider(POPULARITY.low, POPULARITY.high, value=POPULARITY.high,
+                                                            step=1, label="to (hits)", elem_id="filter-popularity-to")
                 gr.Examples(examples=[[p] for p in EXAMPLES], inputs=[ui.image], label="Or try an example photo",
                             examples_per_page=6)
             with gr.Column(scale=7, min_width=300):
@@ -906,8 +989,10 @@ def build_layout(pipe: Pipeline, settings: Settings) -> tuple[gr.Blocks, Layout]
         with gr.Accordion("About, limits and privacy", open=False):
             gr.Markdown(limits_markdown(settings), elem_id="limits")
             gr.Markdown("Recommendations come from a catalog built from TidyTuesday Spotify songs (CC0), MusicOSet "
-                        "(CC BY 4.0), Billboard year-end lyrics 1965–2015 and the Music Dataset 1950–2019 (Moura et "
-                        "al., CC BY 4.0). Lyrics are never stored or shown: only embeddings and keywords.")
+                        "(CC BY 4.0), the Spotify Tracks Dataset (M. Pandya, 2022; ODbL 1.0: the catalog is a "
+                        "database under the ODbL), Billboard year-end lyrics 1965–2015 and the Music Dataset "
+                        "1950–2019 (Moura et al., CC BY 4.0). Lyrics are never stored or shown: only embeddings and "
+                        "keywords. Genre families: pipeline/genre_families.json.")
         ui.footer = gr.Markdown(status_markdown(pipe, settings), elem_id="status-footer")
         ui.timer = gr.Timer(1.5)
     return demo, ui
@@ -1002,7 +1087,7 @@ def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: S
     instant = {"queue": False, **private}
     # the music of albums and clips waits in the fair line like any other; this bounds the ffmpeg encodes
     video = {"concurrency_limit": VIDEO_CONCURRENCY, "concurrency_id": "video"}
-    analyze_inputs = [ui.image, ui.genre, ui.extra, ui.k]
+    analyze_inputs = [ui.image, ui.genre, ui.extra, ui.k, *ui.filter_controls]
     with demo:
         # the API first: a private event named like an endpoint would otherwise take its name
         gr.api(api["analyze"], api_name="analyze", concurrency_limit=settings.analyze_concurrency,
@@ -1027,9 +1112,16 @@ def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: S
                                            **generate_limits)
         extension = ui.extend_btn.click(handlers.extend, ui.generate_inputs, ui.generate_outputs, **generate_limits)
         regeneration = ui.regenerate_btn.click(
-            handlers.regenerate_songs, [ui.caption, ui.prompt, ui.genre, ui.extra, ui.k, ui.state],
+            handlers.regenerate_songs, [ui.caption, ui.prompt, ui.genre, ui.extra, ui.k, ui.state,
+                                        *ui.filter_controls],
             [ui.prompt, ui.tables["features"], ui.tables["lyrics"], ui.tables["fused"], ui.notes, ui.state],
             **analyze_limits).success(handlers.generate, ui.generate_inputs, ui.generate_outputs, **generate_limits)
+        # a changed filter re-runs the song lists from the current caption (not the photo, not the music)
+        refilter = ([ui.caption, ui.k, ui.state, *ui.filter_controls],
+                    [ui.tables["features"], ui.tables["lyrics"], ui.tables["fused"], ui.notes, ui.state])
+        ui.filter_genre.change(handlers.refilter_songs, *refilter, **analyze_limits)
+        for slider in ui.filter_controls[1:]:
+            slider.release(handlers.refilter_songs, *refilter, **analyze_limits)
         ui.stop_btn.click(lambda: "⏹ Stopped.", None, ui.gen_status, cancels=[generation, extension, regeneration],
                           **instant)
         ui.dice.click(lambda: random.randint(0, 2 ** 31 - 1), None, ui.seed, **instant)

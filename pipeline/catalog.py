@@ -4,6 +4,10 @@
     catalog.search_features({"valence": 0.8, "energy": 0.7}, k=10)
     catalog.search_lyrics("driving at night with the windows down", k=10)
     catalog.search_fused(features, text, k=10)
+    catalog.search_features(features, k=10, filters={"genre": "jazz", "years": [1980, 1989]})
+
+Every search takes `filters` (`pipeline.filters`): they are applied inside the search, so the top k are the best
+k songs that pass, not a filtered top k; `filter_note` says when fewer than k songs pass.
 
 Lyric search needs the sentence embedder the catalog was built with. `Catalog.load()` alone resolves it from the
 settings (`I2M_EMBEDDER_MODEL`, pinned revision) on the first lyric search; the app passes `embedder_factory` (or
@@ -27,8 +31,10 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from . import catalog_schema as schema
+from . import genres as vocabulary
 from . import recommend, vector_index
 from .errors import IndexIntegrityError, InputError
+from .filters import Filters
 from .validate import check_k
 from .features import FEATURES, FeatureSpace, as_matrix, closest_features, describe_pair
 
@@ -45,6 +51,9 @@ class SongMatch:
     score: float  # in [0, 1]
     features: dict[str, float | None] = field(default_factory=dict)  # the song's 13 features, Spotify units
     why: str = ""
+    genres: list[str] = field(default_factory=list)  # fine genres, as the sources name them; `genre` is the first
+    families: list[str] = field(default_factory=list)  # their families (`pipeline/genre_families.json`)
+    popularity: float | None = None  # Spotify's 0-100 when the song was collected
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,12 +82,18 @@ class Catalog:
         self._embedder = None
         self._embedder_lock = threading.Lock()
         self._feature_vectors: np.ndarray | None = None
+        self._vectors_lock = threading.Lock()
 
         self._titles = songs["title"].tolist()
         self._artists = songs["artist"].tolist()
         self._years = [None if y is None or (isinstance(y, float) and math.isnan(y)) else int(y)
                        for y in songs["year"].tolist()]
-        self._genres = songs["genre"].tolist()
+        self._genres = _labels(songs["genres"])
+        self._families = _labels(songs["families"])
+        self._year_values = songs["year"].to_numpy(dtype=np.float64, na_value=np.nan)
+        self._popularity = songs["popularity"].to_numpy(dtype=np.float64, na_value=np.nan)
+        # label → the songs carrying it: a genre filter is one lookup, not a scan of every song's labels
+        self._by_label = _label_index([songs["families"], songs["genres"]])
         self._spotify = songs["spotify_id"].tolist()
         self._features = songs[list(FEATURES)].to_numpy(dtype=np.float64)
         self._keywords = songs["keywords"].tolist()
@@ -171,6 +186,11 @@ class Catalog:
         return self._features[self._has_features].copy()
 
     @property
+    def feature_song_ids(self) -> np.ndarray:
+        """The song ids of `feature_matrix()`'s rows."""
+        return np.flatnonzero(self._has_features)
+
+    @property
     def passage_count(self) -> int:
         return self._passage_count
 
@@ -196,18 +216,65 @@ class Catalog:
         return self._embedder
 
     # -- searches -------------------------------------------------------------------------------------------------
+    # -- filters --------------------------------------------------------------------------------------------------
+    @property
+    def genre_choices(self) -> dict[str, list[str]]:
+        """The families and the fine genres this catalog holds (what a genre filter may name)."""
+        fine = {g for gs in self._genres for g in gs}
+        return {"families": [f for f in vocabulary.families() if f in self._by_label],
+                "genres": sorted(fine)}
+
+    def passing(self, filters: Filters | Mapping | str | None) -> np.ndarray | None:
+        """A mask over song ids of the songs that pass `filters`, or None when nothing is filtered."""
+        filters = Filters.from_json(filters)
+        if not filters.active:
+            return None
+        mask = np.ones(len(self._titles), dtype=bool)
+        if filters.genre is not None:
+            if filters.genre not in self._by_label:
+                families = ", ".join(f for f in vocabulary.families() if f in self._by_label)
+                raise InputError(f"Unknown genre {filters.genre!r}: name a family ({families}) or a fine genre of "
+                                 "the catalog such as \"deep-house\" or \"bossa nova\".")
+            mask = np.zeros(len(self._titles), dtype=bool)
+            mask[self._by_label[filters.genre]] = True
+        # NaN (unknown year or popularity) compares False: such songs do not pass a filter on it
+        with np.errstate(invalid="ignore"):
+            if filters.years is not None:
+                mask &= (self._year_values >= filters.years[0]) & (self._year_values <= filters.years[1])
+            if filters.popularity is not None:
+                mask &= (self._popularity >= filters.popularity[0]) & (self._popularity <= filters.popularity[1])
+        return mask
+
+    def filter_note(self, filters: Filters | Mapping | str | None, k: int, *, features: bool = True,
+                    lyrics: bool = True) -> str | None:
+        """A note for the person when `filters` leave fewer than `k` songs for a list they asked for."""
+        filters = Filters.from_json(filters)
+        mask = self.passing(filters)
+        if mask is None:
+            return None
+        counts = {"with audio features": int((mask & self._has_features).sum()) if features else None,
+                  "with lyrics": int((mask & self._has_lyrics).sum()) if lyrics else None}
+        shown = {name: n for name, n in counts.items() if n is not None}
+        if all(n >= k for n in shown.values()):
+            return None
+        told = " and ".join(f"{n:,} song{'s' if n != 1 else ''} {name}" for name, n in shown.items())
+        return (f"The filters ({filters.describe()}) leave {told}, fewer than the {k} asked for: the lists show "
+                "every song that passes. Widen the years or popularity, or pick a broader genre, for more.")
+
+    # -- searches -------------------------------------------------------------------------------------------------
     def search_features(self, features: Mapping[str, float] | Sequence[float] | np.ndarray, k: int = 10,
-                        exclude_ids: Sequence[int] = ()) -> list[SongMatch]:
-        """Songs whose audio features are closest to `features` (Spotify units; missing names allowed)."""
+                        exclude_ids: Sequence[int] = (), *, filters=None) -> list[SongMatch]:
+        """Songs whose audio features are closest to `features` (Spotify units; missing names allowed), among the
+        songs that pass `filters`."""
         k = check_k(k)
         query, present = _feature_query(features)
-        ranked = self._feature_ranking(query, present, k, exclude_ids)
+        ranked = self._feature_ranking(query, present, k, exclude_ids, self.passing(filters))
         return [self._feature_match(song, score, query, present) for song, score in ranked]
 
     def _feature_ranking(self, query: np.ndarray, present: np.ndarray, k: int,
-                         exclude_ids: Sequence[int] = ()) -> list[tuple[int, float]]:
+                         exclude_ids: Sequence[int] = (), passing: np.ndarray | None = None) -> list[tuple[int, float]]:
         exclude = {int(i) for i in exclude_ids}
-        rows, d2 = self._nearest_by_features(query, present, k + len(exclude))
+        rows, d2 = self._nearest_by_features(query, present, k + len(exclude), passing)
         scores = self.space.similarity(d2, self.space.weight_share(present))
         ranked = [(int(self._feature_song_ids[row]), float(score)) for row, score in zip(rows, scores)]
         return [(song, score) for song, score in ranked if song not in exclude][:k]
@@ -221,38 +288,53 @@ class Catalog:
         evidence = self._sound_evidence(song, query, present)
         return self._match(song, score, f"close on {evidence}" if evidence else "")
 
-    def _nearest_by_features(self, query: np.ndarray, present: np.ndarray, want: int):
+    def _nearest_by_features(self, query: np.ndarray, present: np.ndarray, want: int,
+                             passing: np.ndarray | None = None):
         vector = self.space.transform(query)
-        if present.all():
-            d2, rows = vector_index.search(self._feature_index, vector, want)
+        allowed = None if passing is None else passing[self._feature_song_ids]
+        exact = vector_index.is_exact(self._feature_index)
+        broad = allowed is not None and allowed.mean() >= IVF_FILTER_SHARE
+        if present.all() and (allowed is None or exact or broad):
+            # FAISS, a filter being a bitmap of the rows that pass, checked inside the scan. On an inverted-file
+            # index only a broad filter goes this way (the probed lists hold enough passing rows; if they did
+            # not, the exact scan below takes over).
+            d2, rows = vector_index.search(self._feature_index, vector, want, allowed=allowed)
             keep = rows[0] >= 0
-            return rows[0][keep], d2[0][keep]
-        # A partial query: compare only the columns it gives. Exact over the whole table when it is small,
-        # else a re-ranking of a wide approximate candidate set.
+            if allowed is None or exact or keep.sum() >= min(want, int(allowed.sum())):
+                return rows[0][keep], d2[0][keep]
         mask = self.space.column_mask(present)
-        if vector_index.is_exact(self._feature_index):
-            candidates = self._all_feature_vectors()
-            rows = np.arange(candidates.shape[0])
-        else:
+        if allowed is not None or exact:
+            # An exact scan of the rows that pass (every row without a filter). A partial query compares only the
+            # columns it gives; a selective filter on an approximate index is scanned exactly too, so that it
+            # never comes back short of songs that pass.
+            vectors = self._all_feature_vectors()
+            rows = np.flatnonzero(allowed) if allowed is not None else np.arange(len(vectors))
+            d2 = _squared_distances(vectors if allowed is None else vectors[rows], vector[0], mask)
+        else:  # a partial query on an approximate index: a re-ranking of a wide candidate set
             _, found = vector_index.search(self._feature_index, vector, min(self._feature_index.ntotal,
                                                                              max(2000, 50 * want)))
             rows = found[0][found[0] >= 0]
             candidates = np.vstack([self._feature_index.reconstruct(int(r)) for r in rows])
-        d2 = np.sum((candidates[:, mask] - vector[0, mask]) ** 2, axis=1)
-        top = np.argsort(d2, kind="stable")[:want]
+            d2 = _squared_distances(candidates, vector[0], mask)
+        top = _smallest(d2, rows, want)
         return rows[top], d2[top]
 
     def _all_feature_vectors(self) -> np.ndarray:
         if self._feature_vectors is None:
-            self._feature_vectors = self._feature_index.reconstruct_n(0, self._feature_index.ntotal)
+            with self._vectors_lock:
+                if self._feature_vectors is None:
+                    self._feature_vectors = vector_index.all_vectors(self._feature_index)
         return self._feature_vectors
 
     def embed(self, text: str) -> np.ndarray:
         return self.embedder().encode([text])[0]
 
-    def search_lyrics(self, text: str, k: int = 10, *, query_vector: np.ndarray | None = None) -> list[SongMatch]:
-        """Songs whose lyrics are about `text`, scored by the rule in `pipeline.recommend`."""
+    def search_lyrics(self, text: str, k: int = 10, *, query_vector: np.ndarray | None = None,
+                      filters=None) -> list[SongMatch]:
+        """Songs whose lyrics are about `text`, scored by the rule in `pipeline.recommend`, among the songs that
+        pass `filters`."""
         k = check_k(k)
+        passing = self.passing(filters)
         text = (text or "").strip()
         if not text:
             raise InputError("Type a few words to search lyrics by (the text was empty).")
@@ -260,22 +342,19 @@ class Catalog:
             return []
         found = self._lyric_query(text, query_vector)
         return [self._match(song, score, self._lyric_evidence(found, song)) for song, score in
-                self._lyric_ranking(found, k)]
+                self._lyric_ranking(found, k, passing)]
 
     def _lyric_query(self, text: str, query_vector: np.ndarray | None = None) -> recommend.LyricQuery:
         q = self.embed(text) if query_vector is None else np.asarray(query_vector, dtype=np.float32)
         return self._lyrics.query(q, text)
 
-    def _lyric_ranking(self, found: recommend.LyricQuery, limit: int) -> list[tuple[int, float]]:
-        """The `limit` best songs, best first (ties by song id, so a ranking never depends on the machine)."""
+    def _lyric_ranking(self, found: recommend.LyricQuery, limit: int,
+                       passing: np.ndarray | None = None) -> list[tuple[int, float]]:
+        """The `limit` best songs that pass, best first (ties by song id, so a ranking never depends on the
+        machine). Every song is scored, so the filter is applied before the cut."""
         relevance = found.relevance
-        if limit < len(relevance):
-            # the limit-th best value and everything tied with it: a partial sort that keeps ties whole
-            cut = np.partition(relevance, len(relevance) - limit)[len(relevance) - limit]
-            rows = np.flatnonzero(relevance >= cut)
-        else:
-            rows = np.arange(len(relevance))
-        rows = rows[np.lexsort((self._lyrics.songs[rows], -relevance[rows]))][:limit]
+        rows = np.arange(len(relevance)) if passing is None else np.flatnonzero(passing[self._lyrics.songs])
+        rows = rows[_smallest(-relevance[rows], self._lyrics.songs[rows], limit)]
         scores = recommend.calibrated(relevance[rows], self._calibration)
         return list(zip(self._lyrics.songs[rows].tolist(), scores.tolist()))
 
@@ -293,22 +372,25 @@ class Catalog:
         return recommend.lyric_reason(topic, self._keywords[song], self._lyrics.shared_words(found.words, position))
 
     def search_fused(self, features: Mapping[str, float] | Sequence[float] | np.ndarray | None, text: str | None,
-                     k: int = 10, *, pool: int = 100) -> list[SongMatch]:
+                     k: int = 10, *, pool: int = 100, filters=None) -> list[SongMatch]:
         """Reciprocal-rank fusion of the feature and lyric rankings (see `pipeline.recommend.fuse`)."""
-        return self.recommend(features, text, k, pool=pool)[2]
+        return self.recommend(features, text, k, pool=pool, filters=filters)[2]
 
     def recommend(self, features: Mapping[str, float] | Sequence[float] | np.ndarray | None, text: str | None,
-                  k: int = 10, *, pool: int = 100) -> tuple[list[SongMatch], list[SongMatch], list[SongMatch]]:
-        """The three lists at once — by features, by lyrics, fused — each search and the embedding done once."""
+                  k: int = 10, *, pool: int = 100,
+                  filters=None) -> tuple[list[SongMatch], list[SongMatch], list[SongMatch]]:
+        """The three lists at once — by features, by lyrics, fused — each search and the embedding done once; all
+        three among the songs that pass `filters` (both rankings are filtered, so the fused one is too)."""
         k = check_k(k)
+        passing = self.passing(filters)
         text = (text or "").strip()
         if features is None and not text:
             raise InputError("The fused list needs audio features, text, or both.")
         pool = max(pool, k)
         query, present = _feature_query(features) if features is not None else (None, None)
-        feature_scores = dict(self._feature_ranking(query, present, pool)) if query is not None else {}
+        feature_scores = dict(self._feature_ranking(query, present, pool, (), passing)) if query is not None else {}
         found = self._lyric_query(text) if text and self._passage_count else None
-        lyric_top = self._lyric_ranking(found, pool) if found is not None else []
+        lyric_top = self._lyric_ranking(found, pool, passing) if found is not None else []
         lyric_scores = dict(lyric_top)
         # complete both rankings over the whole candidate pool, so a song strong on both sides is seen as such
         if query is not None:
@@ -350,12 +432,15 @@ class Catalog:
     # -- rows -----------------------------------------------------------------------------------------------------
     def _match(self, song: int, score: float, why: str) -> SongMatch:
         values = self._features[song]
+        genres = self._genres[song]
+        popularity = self._popularity[song]
         return SongMatch(
             song_id=int(song), title=self._titles[song], artist=self._artists[song], year=self._years[song],
-            genre=self._genres[song] or "", spotify_id=self._spotify[song] or "",
+            genre=genres[0] if genres else "", spotify_id=self._spotify[song] or "",
             spotify_url=spotify_url(self._spotify[song]), score=round(min(1.0, max(0.0, float(score))), 4),
             features={name: (None if math.isnan(v) else round(float(v), 4)) for name, v in zip(FEATURES, values)},
-            why=why)
+            why=why, genres=list(genres), families=list(self._families[song]),
+            popularity=None if math.isnan(popularity) else round(float(popularity), 1))
 
 
 def _default_embedder():
@@ -368,6 +453,48 @@ def _default_embedder():
     spec = ArtifactSpec("sentence embedder", settings.embedder_model, settings.revision_for("embedder"))
     return SentenceEmbedder(resolve(spec, token=settings.hf_token).path, settings.embedder_model,
                             settings.revision_for("embedder"))
+
+
+# On an inverted-file index (above 200k songs), a filter that lets at least this share of the songs through is
+# searched in the probed lists (the 1.2M-track benchmark measures its recall); a narrower one is scanned exactly.
+IVF_FILTER_SHARE = 0.05
+
+
+def _labels(column) -> list[list[str]]:
+    """Each song's labels from their joined form; the few thousand distinct strings are split once each."""
+    texts = column.tolist()
+    parsed = {text: vocabulary.split(text) for text in set(texts)}
+    return [parsed[text] for text in texts]
+
+
+def _label_index(columns) -> dict[str, np.ndarray]:
+    import pandas as pd
+
+    parts: dict[str, list[np.ndarray]] = {}
+    for column in columns:
+        codes, texts = pd.factorize(column)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(texts) + 1))
+        for i, text in enumerate(texts):
+            for label in vocabulary.split(text):
+                parts.setdefault(label, []).append(order[bounds[i]:bounds[i + 1]])
+    return {label: np.unique(np.concatenate(found)) for label, found in parts.items()}
+
+
+def _squared_distances(vectors: np.ndarray, query: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    diff = vectors - query if columns.all() else vectors[:, columns] - query[columns]
+    return np.einsum("ij,ij->i", diff, diff)
+
+
+def _smallest(values: np.ndarray, ties: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the n smallest values, smallest first, ties broken by `ties` (a partial sort that keeps the
+    values tied at the cut whole, so the order never depends on the machine)."""
+    if n < len(values):
+        cut = np.partition(values, n - 1)[n - 1]
+        positions = np.flatnonzero(values <= cut)
+    else:
+        positions = np.arange(len(values))
+    return positions[np.lexsort((ties[positions], values[positions]))][:n]
 
 
 def _feature_query(features) -> tuple[np.ndarray, np.ndarray]:

@@ -12,9 +12,9 @@ import unicodedata
 
 from .artifacts import file_sha256
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
-SONGS = "songs.parquet"  # one row per song: metadata, the 13 features, keywords, themes
+SONGS = "songs.parquet"  # one row per song: metadata, fine genres and families (", "-joined, `pipeline.genres`), the 13 features, keywords, themes
 FEATURE_IDS = "feature_song_ids.npy"  # row i of the feature index → song id
 FEATURE_INDEX = "features.faiss"
 PASSAGE_IDS = "passage_song_ids.npy"  # row i of the passage index → song id, grouped by song

@@ -27,7 +27,7 @@ class ComponentStatus:
     state: str  # waiting | loading | ready | failed
     detail: str = ""
     seconds: float | None = None
-    source: str | None = None  # local | package | cache | hub | demo (models), index (the catalog)
+    source: str | None = None  # local | package | cache | hub | demo (models); index | hub | cache (the catalog)
     weights: str | None = None  # the format the part runs in: fp32, int8 (dynamic), int5-native, ...
     device: str | None = None
     selfcheck: dict | None = None  # the music model's load-time comparison with its fp32 reference
@@ -161,13 +161,16 @@ class Components:
         return resolved.path, f"{model_id} ({resolved.source})"
 
     def _load_catalog(self):
-        from .catalog import Catalog
+        from .artifacts import DownloadProgress
+        from .hub_catalog import load_catalog
 
-        catalog = Catalog.load(self.settings.index_dir, embedder_factory=lambda: self.get(EMBEDDER))
-        c = catalog.counts
-        self._note(CATALOG, source="index", counts={key: int(value) for key, value in c.items()})
-        return catalog, f"{c['songs']:,} songs ({c['with_features']:,} with audio features, " \
-                        f"{c['with_lyrics']:,} with lyrics)"
+        slot = self._slots[CATALOG]
+        slot.download = DownloadProgress() if self.settings.catalog else None
+        loaded = load_catalog(self.settings, embedder_factory=lambda: self.get(EMBEDDER), progress=slot.download)
+        c = loaded.catalog.counts
+        self._note(CATALOG, source=loaded.source, counts={key: int(value) for key, value in c.items()})
+        detail = f"{c['songs']:,} songs ({c['with_features']:,} with audio features, {c['with_lyrics']:,} with lyrics)"
+        return loaded.catalog, f"{detail}. {loaded.note}" if loaded.note else detail
 
     def _load_embedder(self):
         from .embedder import SentenceEmbedder

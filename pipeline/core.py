@@ -24,6 +24,7 @@ from .components import CAPTION, CATALOG, EMBEDDER, MOOD, MUSIC, Components, Com
 from .compute import compute_thread
 from .errors import ComponentLoading, ComponentUnavailable, InputError, UserFacingError
 from .fairness import FairGate, Ticket
+from .filters import Filters
 from .images import ImageSource, LoadedImage, load_image
 from .mood import MoodResult
 from .music.request import DurationLimits, MusicRequest, Sampling
@@ -218,43 +219,52 @@ class Pipeline:
         return build_prompt(caption, mood, genre=check_genre(genre), extra=extra, max_chars=self.settings.max_prompt_chars)
 
     def recommend(self, text: str | None = None, k: int = 10,
-                  features: Mapping[str, float] | Sequence[float] | None = None) -> dict[str, list[SongMatch]]:
-        """Songs for free text (by lyrics) and, when features are given, by audio features and fused."""
+                  features: Mapping[str, float] | Sequence[float] | None = None, filters=None) -> dict[str, list]:
+        """Songs for free text (by lyrics) and, when features are given, by audio features and fused; all among the
+        songs that pass `filters` (`pipeline.filters`). `notes` says when the filters leave fewer than k."""
         k = check_k(k, self.settings.max_k)
+        filters = Filters.from_json(filters)
         catalog: Catalog = self._get(CATALOG)
         cleaned, _ = self.clean_text(text)
         if not cleaned and features is None:
             raise InputError("Give some text (or audio features) to recommend songs for.")
         if cleaned:
             self._await(EMBEDDER)
+        note = catalog.filter_note(filters, k, features=features is not None, lyrics=bool(cleaned))
+        notes = {"notes": [note]} if note else {}
         if features is None:
-            return {"songs_by_lyrics": self._compute.run(catalog.search_lyrics, cleaned, k=k)}
-        by_features, by_lyrics, fused = self._compute.run(catalog.recommend, features, cleaned or None, k=k)
+            return {"songs_by_lyrics": self._compute.run(catalog.search_lyrics, cleaned, k=k, filters=filters),
+                    **notes}
+        by_features, by_lyrics, fused = self._compute.run(catalog.recommend, features, cleaned or None, k=k,
+                                                          filters=filters)
         out = {"songs_by_features": by_features, "songs_fused": fused}
         if cleaned:
             out["songs_by_lyrics"] = by_lyrics
-        return out
+        return {**out, **notes}
 
     # -- analyze --------------------------------------------------------------------------------------------------
     def analyze(self, image: ImageSource | LoadedImage, *, k: int = 10, genre: str | None = None,
-                extra: str | None = None, caption: str | None = None) -> Analysis:
+                extra: str | None = None, caption: str | None = None, filters=None) -> Analysis:
         """Caption, mood, prompt and the three song lists for a photo; cached per image content and options.
 
-        `caption` replaces the model's caption (the user edited it)."""
+        `caption` replaces the model's caption (the user edited it); `filters` (`pipeline.filters`) narrow the
+        song lists."""
         k = check_k(k, self.settings.max_k)
+        filters = Filters.from_json(filters)
         # every free-text input is cleaned and cut here, before it reaches a cache key or a model
         genre = check_genre(self.clean_text(genre)[0])
         extra = self.clean_text(extra)[0] or None
         caption = self.clean_text(caption)[0] or None if caption is not None else None
         self._await(MOOD, CAPTION, CATALOG, EMBEDDER)
-        return self._compute.run(self._analyze, image, k, genre, extra, caption)
+        return self._compute.run(self._analyze, image, k, genre, extra, caption, filters)
 
-    def _analyze(self, image, k: int, genre: str | None, extra: str | None, caption_text: str | None) -> Analysis:
+    def _analyze(self, image, k: int, genre: str | None, extra: str | None, caption_text: str | None,
+                 filters: Filters) -> Analysis:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         loaded = self._image(image)
         timings["image_s"] = round(time.perf_counter() - started, 4)
-        key = (loaded.digest, k, genre or "", extra or "", caption_text, self.settings.mood_predictor,
+        key = (loaded.digest, k, genre or "", extra or "", caption_text, filters, self.settings.mood_predictor,
                self.settings.caption_model, self.settings.clip_model, self.settings.demo)
         cached = self._cache.get(key)
         if cached is not None:
@@ -273,7 +283,7 @@ class Pipeline:
             timings["caption_s"] = round(time.perf_counter() - t, 4)
         music_prompt = self.prompt(caption_text, mood, genre=genre, extra=extra)
         t = time.perf_counter()
-        by_features, by_lyrics, fused = self._songs_for(caption_text, mood, k, notes)
+        by_features, by_lyrics, fused = self._songs_for(caption_text, mood, k, notes, filters)
         timings["recommend_s"] = round(time.perf_counter() - t, 4)
         timings["analyze_s"] = round(time.perf_counter() - started, 4)
         result = Analysis(caption=caption_text, mood=mood, prompt=music_prompt, songs_by_features=by_features,
@@ -282,26 +292,32 @@ class Pipeline:
         self._cache.put(key, result)
         return result
 
-    def songs_for_text(self, caption: str, mood: MoodResult, k: int = 10) -> tuple[list, list, list, list[str]]:
-        """The three song lists for an edited caption ("regenerate from my text")."""
+    def songs_for_text(self, caption: str, mood: MoodResult, k: int = 10,
+                       filters=None) -> tuple[list, list, list, list[str]]:
+        """The three song lists for an edited caption ("regenerate from my text") or changed filters."""
         k = check_k(k, self.settings.max_k)
+        filters = Filters.from_json(filters)
         notes: list[str] = []
         self._await(CATALOG, EMBEDDER)
         text = self.clean_text(caption)[0]
-        return (*self._compute.run(self._songs_for, text, mood, k, notes), notes)
+        return (*self._compute.run(self._songs_for, text, mood, k, notes, filters), notes)
 
-    def _songs_for(self, caption: str, mood: MoodResult, k: int, notes: list[str]):
+    def _songs_for(self, caption: str, mood: MoodResult, k: int, notes: list[str], filters: Filters):
         try:
             catalog: Catalog = self._get(CATALOG)
         except UserFacingError as exc:
             notes.append(str(exc))
             return [], [], []
+        # first: an unknown genre is the person's mistake, raised as such, not taken for a broken lyric search
+        note = catalog.filter_note(filters, k)
         query = lyric_query(caption, mood.emotion)
         try:
-            by_features, by_lyrics, fused = catalog.recommend(mood.features, query, k=k)
+            by_features, by_lyrics, fused = catalog.recommend(mood.features, query, k=k, filters=filters)
         except UserFacingError as exc:
             notes.append(f"Lyric search is unavailable: {exc}")
-            by_features, by_lyrics, fused = catalog.recommend(mood.features, None, k=k)
+            by_features, by_lyrics, fused = catalog.recommend(mood.features, None, k=k, filters=filters)
+        if note:
+            notes.append(note)
         return by_features, by_lyrics, fused
 
     # -- music ----------------------------------------------------------------------------------------------------

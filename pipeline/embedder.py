@@ -53,20 +53,50 @@ class SentenceEmbedder:
 
 
 def encode_cached(embedder, texts: Sequence[str], cache_dir: Path, show_progress: bool = False) -> np.ndarray:
-    """`embedder.encode(texts)`, kept in `cache_dir` under a digest of the model, its revision and every text: the
-    catalog build and the evaluation's baselines embed the same 45k passages, which takes many CPU minutes."""
-    digest = hashlib.sha256("\n".join([embedder.info.model_id, embedder.info.revision, *texts]).encode())
-    path = Path(cache_dir) / f"{digest.hexdigest()[:24]}.npy"
-    if path.is_file():
-        vectors = np.load(path, allow_pickle=False)
+    """`embedder.encode(texts)`, each text's vector kept in `cache_dir` under the text's sha256, in one store per
+    model and revision: the catalog build and the evaluation's baselines embed the same 45k passages, which takes
+    many CPU minutes, and a rebuild that orders, adds or drops passages differently (a new source shifts every
+    song's position) embeds only the texts it has not seen. A file of the older kind, one whole list of texts in
+    order, is taken into the store when its list comes again."""
+    cache_dir = Path(cache_dir)
+    model = "\n".join([embedder.info.model_id, embedder.info.revision])
+    store = cache_dir / f"texts-{hashlib.sha256(model.encode()).hexdigest()[:24]}.npz"
+    keys = [hashlib.sha256(text.encode()).digest() for text in texts]
+    known = _read_store(store, embedder.info.dimension)
+    fresh: dict[bytes, np.ndarray] = {}
+    legacy = cache_dir / f"{hashlib.sha256(chr(10).join([model, *texts]).encode()).hexdigest()[:24]}.npy"
+    if any(key not in known for key in keys) and legacy.is_file():
+        vectors = np.load(legacy, allow_pickle=False)
         if vectors.shape == (len(texts), embedder.info.dimension):
-            return vectors
-    vectors = embedder.encode(texts, show_progress=show_progress)
+            fresh.update(zip(keys, vectors))
+    missing = list({key: text for key, text in zip(keys, texts) if key not in known and key not in fresh}.items())
+    if missing:
+        vectors = embedder.encode([text for _, text in missing], show_progress=show_progress)
+        fresh.update(zip((key for key, _ in missing), vectors))
+    if fresh:
+        known.update(fresh)
+        _write_store(store, known)
+    return np.ascontiguousarray(np.stack([known[key] for key in keys]) if keys else
+                                np.zeros((0, embedder.info.dimension)), dtype=np.float32)
+
+
+def _read_store(path: Path, dimension: int) -> dict[bytes, np.ndarray]:
+    if not path.is_file():
+        return {}
+    with np.load(path, allow_pickle=False) as data:
+        digests, vectors = data["digests"], data["vectors"]
+    if vectors.ndim != 2 or vectors.shape[1] != dimension or len(digests) != len(vectors):
+        return {}
+    return {bytes(digest): vector for digest, vector in zip(digests, vectors)}
+
+
+def _write_store(path: Path, vectors: dict[bytes, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial.npy")
-    np.save(partial, vectors, allow_pickle=False)
+    partial = path.with_suffix(".partial.npz")
+    with open(partial, "wb") as handle:
+        np.savez(handle, digests=np.frombuffer(b"".join(vectors), dtype=np.uint8).reshape(-1, 32),
+                 vectors=np.stack(list(vectors.values())).astype(np.float32))
     partial.replace(path)
-    return vectors
 
 
 def fingerprint_matches(expected: Sequence[Sequence[float]], actual: Sequence[Sequence[float]]) -> tuple[bool, float]:

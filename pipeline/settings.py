@@ -193,6 +193,10 @@ class Settings:
                                       "How often (seconds) the upload and audio folders are pruned.", low=1, high=3600)
     # Locations
     index_dir: str = _setting("I2M_INDEX_DIR", str(REPO_ROOT / "index"), "Folder of the song catalog (`index/`).")
+    catalog: str = _setting("I2M_CATALOG", "", "A song catalog on the Hub instead of `index/`: a dataset repo "
+                            "written by `scripts/build_index.py --push-to-hub`, pinned as `user/songs@<commit>`. "
+                            "Downloaded once and checked file by file; `index/` is used, with a note, when it "
+                            "cannot be.")
     cache_dir: str = _setting("I2M_CACHE_DIR", str(Path.home() / ".cache" / "image-to-music"),
                               "Where demo models and generated audio live.")
     hf_token: str = _setting("HF_TOKEN", "", "Hugging Face token for gated or private repos; read from the "

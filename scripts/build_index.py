@@ -1,17 +1,19 @@
 """Build the shipped song catalog (`index/`) from raw song tables.
 
-    python scripts/build_index.py                          # ../shared/data → index/
+    python scripts/build_index.py                          # ../shared/data (five tables) → index/
     python scripts/build_index.py --data-dir DIR --out DIR
     python scripts/build_index.py --table my_songs.csv     # add your own table (see README: "Rebuild the catalog")
     python scripts/build_index.py --hub-dataset user/songs --no-default-sources
+    HF_TOKEN=... python scripts/build_index.py --push-to-hub user/songs   # publish; the app reads I2M_CATALOG
 
 Steps: read every source into one schema → de-duplicate by Spotify id, then by normalised artist + title (with the
-first credited artist as fallback) → impute and flag a missing time signature → cut lyrics into stanza-sized
+first credited artist as fallback; a song keeps every fine genre it is listed under, and their families from
+`pipeline/genre_families.json`) → impute and flag a missing time signature → cut lyrics into stanza-sized
 passages and embed them with all-MiniLM-L6-v2 → per-song bags of words (unordered single words with counts),
 keywords, and lyric-topic profiles learned from the tcc_ceds topic labels → write parquet / FAISS / npy files and a
 manifest with checksums (the contract is `pipeline/catalog_schema.py`). Never lyric text. Output is deterministic:
-the same inputs give the same bytes. Passage embeddings are cached (`I2M_CACHE_DIR`/embeddings), so a rebuild
-after a change elsewhere does not embed again.
+the same inputs give the same bytes. Passage embeddings are cached per text (`I2M_CACHE_DIR`/embeddings), so a
+rebuild embeds only passages it has not seen, even when a new source reorders every song.
 """
 
 from __future__ import annotations
@@ -39,18 +41,19 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from pipeline import catalog_schema as schema  # noqa: E402
+from pipeline import genres as vocabulary  # noqa: E402
 from pipeline import recommend, vector_index  # noqa: E402
 from pipeline.catalog_schema import SCHEMA_VERSION, file_sha256  # noqa: E402
 from pipeline.features import FEATURES, FeatureSpace  # noqa: E402
 
-BUILDER_VERSION = "2.0"
+BUILDER_VERSION = "3.0"
 PASSAGE_WORDS = 40
 MIN_LYRIC_WORDS = 12
 KEYWORDS_PER_SONG = 8
 LYRIC_STORAGE = "sq8"  # 8 bits per dimension: 17 MB for 45k passages, recall@10 0.99 against fp32
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 
-SONG_COLUMNS = ["id", "title", "artist", "year", "genre", "popularity", "spotify_id", *FEATURES,
+SONG_COLUMNS = ["id", "title", "artist", "year", "genres", "families", "popularity", "spotify_id", *FEATURES,
                 "time_signature_imputed", "sources", "has_features", "has_lyrics", "keywords", "themes"]
 
 # Lyric topics: the `topic` labels of the tcc_ceds table (CC BY 4.0): name → (shown as, description written from
@@ -81,6 +84,10 @@ SOURCE_CREDITS = {
                          "url": "https://github.com/walkerkq/musiclyrics"},
     "tcc_ceds": {"title": "Music Dataset: 1950 to 2019 (Moura et al., Mendeley Data, 2020)",
                  "licence": "CC BY 4.0", "url": "https://data.mendeley.com/datasets/3t9vbwxgr5/3"},
+    # the Hugging Face card says BSD, the Kaggle page (DOI 10.34740/KAGGLE/DSV/4372070) ODbL: the stricter holds
+    "spotify_tracks": {"title": "Spotify Tracks Dataset (M. Pandya, 2022)",
+                       "licence": "ODbL 1.0 (credited; the catalog built from it is a database under ODbL)",
+                       "url": "https://huggingface.co/datasets/maharshipandya/spotify-tracks-dataset"},
 }
 
 # Words a family audience would not want in a keyword list.
@@ -96,30 +103,41 @@ _DASH_SUFFIX = re.compile(r"\s+-\s+.*$")
 _FIRST_ARTIST_SPLIT = re.compile(r"\s*(?:,|&|\band\b|\bx\b|\bvs\.?\b|\bfeat\.?\b|\bft\.?\b|\bfeaturing\b|\bwith\b|/|;)\s*")
 
 
-def _ascii_lower(text: str) -> str:
-    return unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode("ascii").lower()
+def _fold(text: str) -> str:
+    """Lower case with Latin letters folded to ASCII ('Beyoncé' → 'beyonce'; a Latin letter with no ASCII form is
+    dropped) and other scripts kept: a Chinese, Japanese or Cyrillic title is a key of its own, not an empty one."""
+    decomposed = unicodedata.normalize("NFKD", str(text)).lower()
+    return "".join(ch for ch in decomposed if ch.isascii() or (
+        not unicodedata.combining(ch) and not unicodedata.name(ch, "LATIN").startswith("LATIN")))
+
+
+def _key_chars(text: str) -> str:
+    return "".join(ch for ch in text if ch.isalnum() and (not ch.isascii() or ch in _ASCII_KEY))
+
+
+_ASCII_KEY = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 
 
 def normalize_title(title: str) -> str:
     """'Crazy (Remastered 2011) - Radio Edit' → 'crazy'. Used only as a de-duplication key."""
-    text = _ascii_lower(title)
+    text = _fold(title)
     text = _BRACKETS.sub(" ", text)
     text = _DASH_SUFFIX.sub("", text)
     text = _FEAT.sub("", " " + text).strip()
     text = re.sub(r"^the\s+", "", text.replace("&", " and "))
-    return re.sub(r"[^a-z0-9]", "", text)
+    return _key_chars(text)
 
 
 def normalize_artist(artist: str) -> str:
-    text = _ascii_lower(artist)
+    text = _fold(artist)
     text = _BRACKETS.sub(" ", text)
     text = _FEAT.sub("", " " + text).strip()
     text = re.sub(r"^the\s+", "", text.replace("&", " and "))
-    return re.sub(r"[^a-z0-9]", "", text)
+    return _key_chars(text)
 
 
 def first_artist(artist: str) -> str:
-    parts = [p for p in _FIRST_ARTIST_SPLIT.split(_ascii_lower(artist)) if p and p.strip()]
+    parts = [p for p in _FIRST_ARTIST_SPLIT.split(_fold(artist)) if p and p.strip()]
     return normalize_artist(parts[0]) if parts else normalize_artist(artist)
 
 
@@ -144,7 +162,7 @@ class Record:
     source: str
     spotify_id: str | None = None
     year: int | None = None
-    genre: str | None = None
+    genres: tuple[str, ...] = ()  # fine genres as the source names them, the most telling first
     popularity: float | None = None
     features: dict | None = None  # name → value in Spotify units; absent names are missing
     lyrics: str | None = None
@@ -154,6 +172,7 @@ class Record:
     def __post_init__(self):
         # every source alike: an id that is not Spotify's shape is dropped here, not trusted downstream
         self.spotify_id = schema.spotify_id(self.spotify_id)
+        self.genres = tuple(dict.fromkeys(g for g in map(vocabulary.fine_genre, self.genres) if g))
 
 
 def _year(value) -> int | None:
@@ -179,15 +198,19 @@ def read_tidytuesday(path: Path) -> list[Record]:
         name = next(n for n in archive.namelist() if n.endswith(".csv"))
         table = pd.read_csv(archive.open(name), dtype={"track_id": str})
     table = table.dropna(subset=["track_id", "track_name", "track_artist"])
-    # the same track appears under several playlists; keep its most common genre
-    genre = table.groupby("track_id")["playlist_genre"].agg(lambda s: Counter(s).most_common(1)[0][0])
+    # the same track appears under several playlists: it keeps every playlist genre (most common first), then
+    # every subgenre
+    genres = {}
+    for track, group in table.groupby("track_id", sort=False):
+        genres[track] = tuple(g for column in ("playlist_genre", "playlist_subgenre")
+                              for g, _ in Counter(group[column].dropna()).most_common())
     table = table.drop_duplicates("track_id", keep="first")
     records = []
     for row in table.itertuples(index=False):
         feats = {f: _num(getattr(row, f)) for f in FEATURES if f != "time_signature"}
         records.append(Record(title=str(row.track_name), artist=str(row.track_artist), source="tidytuesday",
                               spotify_id=row.track_id, year=_year(row.track_album_release_date),
-                              genre=str(genre[row.track_id]), popularity=_num(row.track_popularity),
+                              genres=genres[row.track_id], popularity=_num(row.track_popularity),
                               features={k: v for k, v in feats.items() if v is not None}))
     return records
 
@@ -218,6 +241,25 @@ def read_musicoset(folder: Path) -> list[Record]:
     return records
 
 
+def read_spotify_tracks(path: Path) -> list[Record]:
+    """The Spotify Tracks Dataset: all 13 features and popularity, no release date; a track listed under several
+    genres appears once per genre (one row each), and keeps them all, in the file's order."""
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(".csv"))
+        table = pd.read_csv(archive.open(name), dtype={"track_id": str})
+    table = table.dropna(subset=["track_id", "track_name", "artists"])
+    genres = {track: tuple(group.dropna()) for track, group in table.groupby("track_id", sort=False)["track_genre"]}
+    table = table.drop_duplicates("track_id", keep="first")
+    records = []
+    for row in table.itertuples(index=False):
+        feats = {f: _num(getattr(row, f)) for f in FEATURES}
+        records.append(Record(title=str(row.track_name), artist=", ".join(str(row.artists).split(";")),
+                              source="spotify_tracks", spotify_id=row.track_id, genres=genres[row.track_id],
+                              popularity=_num(row.popularity),
+                              features={k: v for k, v in feats.items() if v is not None}))
+    return records
+
+
 def read_billboard_lyrics(path: Path) -> list[Record]:
     table = pd.read_excel(path)
     records = []
@@ -237,7 +279,7 @@ def read_tcc_ceds(path: Path) -> list[Record]:
         feats = {f: _num(getattr(row, f)) for f in ("danceability", "acousticness", "instrumentalness",
                                                     "valence", "energy")}
         records.append(Record(title=str(row.track_name).title(), artist=str(row.artist_name).title(),
-                              source="tcc_ceds", year=_year(row.release_date), genre=str(row.genre),
+                              source="tcc_ceds", year=_year(row.release_date), genres=(row.genre,),
                               features={k: v for k, v in feats.items() if v is not None},
                               lyrics=row.lyrics if isinstance(row.lyrics, str) else None, lyrics_source="tcc_ceds",
                               topic=row.topic if isinstance(row.topic, str) else None))
@@ -275,8 +317,7 @@ def records_from_table(table: pd.DataFrame, source: str) -> list[Record]:
         lyrics = (row.get(cols["lyrics"]) or None) if cols["lyrics"] else None
         records.append(Record(title=str(row[title_col]), artist=str(row[artist_col]), source=source,
                               spotify_id=spotify, year=_year(row.get(cols["year"])) if cols["year"] else None,
-                              genre=(row[cols["genre"]] or None) if cols["genre"] and isinstance(row[cols["genre"]], str)
-                              else None,
+                              genres=(row[cols["genre"]],) if cols["genre"] else (),
                               popularity=_num(row.get(cols["popularity"])) if cols["popularity"] else None,
                               features={k: v for k, v in feats.items() if v is not None},
                               lyrics=lyrics if isinstance(lyrics, str) else None,
@@ -312,7 +353,7 @@ class Song:
     artist: str
     spotify_id: str | None
     year: int | None
-    genre: str | None
+    genres: list[str]
     popularity: float | None
     features: dict
     feature_source_rank: int
@@ -346,7 +387,7 @@ def merge_records(records: Iterable[Record]) -> list[Song]:
                     song.features.setdefault(k, v)
         song.spotify_id = song.spotify_id or rec.spotify_id
         song.year = min(y for y in (song.year, rec.year) if y) if (song.year or rec.year) else None
-        song.genre = song.genre or rec.genre
+        song.genres.extend(g for g in rec.genres if g not in song.genres)
         song.topic = song.topic or rec.topic
         song.popularity = max(p for p in (song.popularity, rec.popularity) if p is not None) \
             if (song.popularity is not None or rec.popularity is not None) else None
@@ -365,7 +406,7 @@ def merge_records(records: Iterable[Record]) -> list[Song]:
             index = next((by_key[k] for k in keys if k in by_key), None)
         if index is None:
             songs.append(Song(title=rec.title.strip(), artist=rec.artist.strip(), spotify_id=rec.spotify_id,
-                              year=rec.year, genre=rec.genre, popularity=rec.popularity,
+                              year=rec.year, genres=list(rec.genres), popularity=rec.popularity,
                               features=dict(rec.features or {}), feature_source_rank=_rank(rec.source),
                               sources={rec.source}, lyrics=rec.lyrics, lyrics_source=rec.lyrics_source,
                               topic=rec.topic))
@@ -434,7 +475,8 @@ def build_songs_table(songs: list[Song]) -> tuple[pd.DataFrame, list[Song]]:
                                          s.title, s.artist))
     rows = []
     for i, s in enumerate(songs):
-        row = {"id": i, "title": s.title, "artist": s.artist, "year": s.year, "genre": s.genre or "",
+        row = {"id": i, "title": s.title, "artist": s.artist, "year": s.year, "genres": vocabulary.join(s.genres),
+               "families": vocabulary.join(vocabulary.families_for(s.genres)),
                "popularity": s.popularity, "spotify_id": s.spotify_id or "",
                "sources": ",".join(sorted(s.sources))}
         row.update({f: s.features.get(f) for f in FEATURES})
@@ -553,6 +595,7 @@ def build(args: argparse.Namespace) -> dict:
     if not args.no_default_sources:
         readers = [("tidytuesday", data / "tidytuesday_spotify_songs.zip", read_tidytuesday),
                    ("musicoset", data / "musicoset", read_musicoset),
+                   ("spotify_tracks", data / "spotify_tracks_114k.zip", read_spotify_tracks),
                    ("billboard_lyrics", data / "billboard_lyrics_1964-2015.xlsx", read_billboard_lyrics),
                    ("tcc_ceds", data / "tcc_ceds_music_partial.csv", read_tcc_ceds)]
         for name, path, reader in readers:
@@ -729,12 +772,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--table", action="append", help="extra CSV/TSV/parquet table of songs (repeatable)")
     parser.add_argument("--hub-dataset", help="a Hub dataset of songs, read with datasets.load_dataset")
     parser.add_argument("--hub-split", default="train")
-    parser.add_argument("--no-default-sources", action="store_true", help="skip the four tables of --data-dir")
+    parser.add_argument("--no-default-sources", action="store_true", help="skip the five tables of --data-dir")
     parser.add_argument("--limit-songs", type=int, default=0, help="keep a deterministic slice (for tests)")
     parser.add_argument("--max-passages-per-song", type=int, default=0, help="cap passages per song (for tests)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="publish the built catalog as a Hub dataset repo "
+                        "(needs HF_TOKEN) and print the pinned I2M_CATALOG value")
     return parser.parse_args(argv)
 
 
+def push_to_hub(folder: Path, repo: str, token: str) -> str:
+    """Upload a built catalog as one commit of a Hub dataset repo; returns `repo@commit` for I2M_CATALOG."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    if not token:
+        raise SystemExit("--push-to-hub needs a write token in HF_TOKEN.")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    sources = "\n".join(f"- {s.get('title', s['name'])}: {s.get('licence', 'see its source')}"
+                        for s in manifest["sources"])
+    # the Spotify Tracks Dataset is ODbL: a catalog built from it is a database under the ODbL
+    card = (f"---\nlicense: odbl\n---\n# Song catalog for Picture Soundtrack\n\nBuilt by scripts/build_index.py "
+            f"(schema {manifest['schema_version']}): {json.dumps(manifest['counts'])}. No lyric text: only passage "
+            f"embeddings, bags of single words, keywords and topics.\n\nSources:\n{sources}\n")
+    operations = [CommitOperationAdd(name, str(folder / name)) for name in ["manifest.json", *manifest["files"]]]
+    operations.append(CommitOperationAdd("README.md", card.encode()))
+    api = HfApi(token=token)
+    api.create_repo(repo, repo_type="dataset", exist_ok=True)
+    commit = api.create_commit(repo, operations, repo_type="dataset",
+                               commit_message=f"Catalog: {json.dumps(manifest['counts'])}")
+    return f"{repo}@{commit.oid}"
+
+
 if __name__ == "__main__":
-    build(parse_args())
+    arguments = parse_args()
+    build(arguments)
+    if arguments.push_to_hub:
+        import os
+
+        ref = push_to_hub(Path(arguments.out), arguments.push_to_hub, os.environ.get("HF_TOKEN", ""))
+        _progress(f"published: run the app with I2M_CATALOG={ref}")

@@ -57,6 +57,22 @@ def test_recommend_by_text_and_by_features(client):
     assert {"songs_by_lyrics", "songs_by_features", "songs_fused"} == set(both)
 
 
+def test_recommend_and_analyze_take_filters(client):
+    filters = {"genre": "rock", "popularity": [10, 100]}
+    lists = client.predict("rain on the window", 5, {"valence": 0.3, "energy": 0.5}, filters, api_name="/recommend")
+    assert {"songs_by_lyrics", "songs_by_features", "songs_fused"} <= set(lists)
+    for song in (s for key in ("songs_by_lyrics", "songs_by_features", "songs_fused") for s in lists[key]):
+        assert "rock" in song["families"] and 10 <= song["popularity"] <= 100 and song["genres"]
+        assert {"genres", "families", "year", "popularity"} <= set(song)
+    assert len(lists["songs_by_features"]) == 5
+    as_text = client.predict("rain on the window", 5, None, '{"genre": "rock"}', api_name="/recommend")
+    assert all("rock" in s["families"] for s in as_text["songs_by_lyrics"])
+    result = client.predict(handle_file(EXAMPLE), 5, "", "", "", {"genre": "jazz", "years": [1900, 1901]},
+                            api_name="/analyze")
+    assert result["songs_by_features"] == result["songs_by_lyrics"] == result["songs_fused"] == []
+    assert any("leave 0 songs" in note for note in result["notes"])
+
+
 def test_caption(client, pipeline):
     caption = client.predict(handle_file(EXAMPLE), api_name="/caption")
     assert isinstance(caption, str) and caption.strip()
@@ -78,6 +94,11 @@ def test_caption(client, pipeline):
     ("/analyze", (None, 5, "", ""), "No image"),
     ("/analyze", ("__IMAGE__", 5, "polka", ""), "Unknown genre"),
     ("/analyze", ("__IMAGE__", -2, "", ""), "k must be"),
+    ("/recommend", ("love", 5, None, {"decade": 1980}), "Unknown filter 'decade'"),
+    ("/recommend", ("love", 5, None, {"genre": "polka"}), "Unknown genre 'polka'"),
+    ("/recommend", ("love", 5, None, "{not json"), "filters must be a JSON object"),
+    ("/recommend", ("love", 5, {"valence": 0.5}, {"popularity": [50, 500]}), "filters.popularity must be"),
+    ("/analyze", ("__IMAGE__", 5, "", "", "", {"years": [2000, 1990]}), "runs backwards"),
 ])
 def test_errors_are_clear_messages(client, endpoint, args, message):
     args = tuple(handle_file(EXAMPLE) if a == "__IMAGE__" else a for a in args)
@@ -106,7 +127,7 @@ def test_a_file_input_given_as_a_link_is_refused_before_anything_is_downloaded(l
     base, seen = photo_server
     seen.clear()
     link = {"path": f"{base}/photo.jpg", "meta": {"_type": "gradio.FileData"}}
-    payload = {"data": [link, 3, "", "", ""] if endpoint == "analyze" else [link, ""]}
+    payload = {"data": [link, 3, "", "", "", None] if endpoint == "analyze" else [link, ""]}
     url = f"{live_app}gradio_api/call/{endpoint}"
     request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:

@@ -150,6 +150,21 @@ def test_clicking_an_example_photo_analyzes_it(browser, live_app):
     page.locator("button.gallery-item:has(img[src*='grace_hopper'])").click(timeout=TIMEOUT_MS)
     expect(page.locator("#caption textarea")).not_to_have_value("", timeout=TIMEOUT_MS)
     page.locator('#songs-features [role=row][aria-rowindex="2"]').first.wait_for(timeout=TIMEOUT_MS)
+
+    # a genre family chosen in Options re-runs the song lists: every song shown is of that family
+    genre_cells = page.locator("#songs-features [role=row] [role=gridcell][aria-colindex='5']")
+    page.get_by_text("Options").click()
+    page.locator("#filter-genre input").click()
+    page.get_by_role("option", name="latin", exact=True).click()
+    expect(genre_cells.first).to_contain_text("latin", timeout=TIMEOUT_MS)
+    texts = genre_cells.all_inner_texts()
+    assert len(texts) >= 3 and all("latin" in text for text in texts), texts
+    # latin songs released by 1951: next to none in the slice, and the note says so (a typed year counts once the
+    # box loses focus, as a dragged slider once it is let go)
+    year_to = page.locator("#filter-year-to input[type=number]")
+    year_to.fill("1951")
+    year_to.press("Tab")
+    expect(page.locator("#analyze-notes")).to_contain_text("fewer than the 10", timeout=TIMEOUT_MS)
     page.close()
 
 

@@ -253,6 +253,15 @@ def test_a_different_embedder_is_refused(small_index):
 
 # -- building ------------------------------------------------------------------------------------------------------
 
+def test_titles_in_other_scripts_are_keys_of_their_own():
+    """A Chinese or Cyrillic title used to fold to nothing, and the song was dropped from the catalog."""
+    assert b.normalize_title("Судно (Борис Рижий)") == "судно"
+    assert b.normalize_title("吻別") != b.normalize_title("每天愛你多一些")
+    assert len(b.merge_records([b.Record("吻別", "張學友", "spotify_tracks", spotify_id="6" * 22),
+                                b.Record("每天愛你多一些", "張學友", "spotify_tracks", spotify_id="7" * 22)])) == 2
+    assert b.normalize_artist("Røyksopp") == "ryksopp"  # Latin letters still fold as before
+
+
 def test_normalisation_for_deduplication():
     assert b.normalize_title("Hey Jude - Remastered 2009") == b.normalize_title("Hey Jude")
     assert b.normalize_title("Crazy (feat. Someone) [Live]") == "crazy"
@@ -267,9 +276,11 @@ def test_records_merge_by_spotify_id_then_by_name():
     sid = "4cjHy6TwppuNZ05yrP8Fic"
     full = {f: 0.5 for f in FEATURES}
     records = [
-        b.Record("Hey Jude - Remastered", "The Beatles", "tidytuesday", spotify_id=sid, genre="rock",
+        b.Record("Hey Jude - Remastered", "The Beatles", "tidytuesday", spotify_id=sid, genres=("rock", "album rock"),
                  features={k: v for k, v in full.items() if k != "time_signature"}),
         b.Record("Hey Jude", "Beatles", "musicoset", spotify_id=sid, features=full, popularity=80),
+        b.Record("Hey Jude", "The Beatles", "spotify_tracks", spotify_id="1" * 22, genres=("Rock", "british"),
+                 features=full),
         b.Record("hey jude", "the beatles", "billboard_lyrics", lyrics="na na na " * 20, lyrics_source="billboard_lyrics"),
         b.Record("Umbrella", "Rihanna featuring Jay-Z", "billboard_lyrics", lyrics="ella " * 30,
                  lyrics_source="billboard_lyrics"),
@@ -279,8 +290,10 @@ def test_records_merge_by_spotify_id_then_by_name():
     songs = b.merge_records(records)
     assert len(songs) == 3
     jude = next(s for s in songs if s.spotify_id == sid)
-    assert jude.sources == {"tidytuesday", "musicoset", "billboard_lyrics"} and jude.lyrics
-    assert jude.features.get("time_signature") == 0.5 and jude.genre == "rock" and jude.popularity == 80
+    assert jude.sources == {"tidytuesday", "musicoset", "billboard_lyrics", "spotify_tracks"} and jude.lyrics
+    # a song listed under several genres, in several tables, keeps them all, each once, the first source's first
+    assert jude.genres == ["rock", "album rock", "british"] and jude.popularity == 80
+    assert jude.features.get("time_signature") == 0.5
     umbrella = next(s for s in songs if s.spotify_id == "2" * 22)
     assert umbrella.lyrics and umbrella.sources == {"tidytuesday", "billboard_lyrics"}
 
@@ -349,3 +362,209 @@ def test_the_build_drops_spotify_ids_of_the_wrong_shape_from_every_source(bad):
     assert b.Record(title="t", artist="a", source="tidytuesday", spotify_id=bad).spotify_id is None
     good = b.Record(title="t", artist="a", source="musicoset", spotify_id="4uLU6hMCjMI75M1A2tKUQC")
     assert good.spotify_id == "4uLU6hMCjMI75M1A2tKUQC"
+
+
+# -- genres and filters --------------------------------------------------------------------------------------------
+
+def test_every_fine_genre_of_the_five_tables_has_a_family():
+    import zipfile
+
+    from pipeline import genres
+    from tests.conftest import DATA_DIR
+
+    with zipfile.ZipFile(DATA_DIR / "spotify_tracks_114k.zip") as archive:
+        fine = set(pd.read_csv(archive.open("spotify_tracks_114k.csv"), usecols=["track_genre"]).track_genre.dropna())
+    with zipfile.ZipFile(DATA_DIR / "tidytuesday_spotify_songs.zip") as archive:
+        tidy = pd.read_csv(archive.open("spotify_songs.csv"), usecols=["playlist_genre", "playlist_subgenre"])
+    fine |= set(tidy.playlist_genre) | set(tidy.playlist_subgenre)
+    fine |= set(pd.read_csv(DATA_DIR / "tcc_ceds_music_partial.csv", usecols=["genre"]).genre)
+    assert len(fine) == 139  # 114 + TidyTuesday's 6 genres and 24 subgenres + tcc's 7, less the shared names
+    assert not [g for g in fine if genres.family_of(g) is None]
+    assert 15 <= len(genres.families()) <= 25
+    assert genres.families_for(["deep-house", "k-pop", "house"]) == ["east asian pop", "electronic"]
+
+
+def test_the_slice_holds_rows_of_every_table_and_songs_keep_genres_and_families(catalog):
+    from pipeline import genres
+
+    songs = _table(catalog)
+    sources = set(",".join(songs.sources).split(","))
+    assert {"spotify_tracks", "tidytuesday", "musicoset", "tcc_ceds", "billboard_lyrics"} <= sources
+    for fine, families in zip(songs.genres, songs.families):
+        assert genres.split(families) == genres.families_for(genres.split(fine))
+    assert (songs.genres.str.contains(", ")).any()  # some song is listed under several genres
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"mood": "sad"}, "Unknown filter 'mood'"),
+    ({"years": [1990, 1980]}, "runs backwards"),
+    ({"years": 1985}, "must be a range"),
+    ({"years": ["a", 1990]}, "filters.years must be"),
+    ({"years": [1985.5, 1990]}, "whole number"),
+    ({"popularity": [0, 140]}, "filters.popularity must be"),
+    ({"genre": 7}, "genre name"),
+    ("not json", "JSON object"),
+    ([1, 2], "JSON object"),
+])
+def test_bad_filters_get_clear_messages(value, message):
+    from pipeline.filters import Filters
+
+    with pytest.raises(InputError, match=message):
+        Filters.from_json(value)
+
+
+def test_filters_read_json_text_objects_and_nothing_alike():
+    from pipeline.filters import Filters
+
+    assert Filters.from_json('{"genre": " Jazz ", "years": [1980, 1989]}') == Filters("jazz", (1980, 1989))
+    assert Filters.from_json({"popularity": [0, 40]}).describe() == "popularity 0–40"
+    assert not Filters.from_json(None).active and not Filters.from_json("").active and not Filters.from_json({}).active
+
+
+def test_an_unknown_genre_names_the_families(catalog):
+    with pytest.raises(InputError, match="Unknown genre 'polka'.*rock"):
+        catalog.search_features({"valence": 0.5}, k=3, filters={"genre": "polka"})
+
+
+def _passes(songs, filters) -> np.ndarray:
+    from pipeline import genres
+
+    mask = np.ones(len(songs), dtype=bool)
+    if "genre" in filters:
+        mask &= [filters["genre"] in genres.split(g) + genres.split(f) for g, f in zip(songs.genres, songs.families)]
+    for column, key in (("year", "years"), ("popularity", "popularity")):
+        if key in filters:
+            values = songs[column].to_numpy(dtype=float, na_value=np.nan)
+            with np.errstate(invalid="ignore"):
+                mask &= (values >= filters[key][0]) & (values <= filters[key][1])
+    return mask
+
+
+def _brute_force(catalog, songs, query: dict, mask: np.ndarray, k: int) -> list[int]:
+    keep = songs[mask & songs.has_features.to_numpy()]
+    columns = catalog.space.column_mask(np.array([f in query for f in FEATURES]))
+    vectors = catalog.space.transform(keep[list(FEATURES)].to_numpy(dtype=float))[:, columns]
+    full = np.array([[query.get(f, 0.0) for f in FEATURES]])
+    target = catalog.space.transform(full)[0, columns]
+    return keep["id"].to_numpy()[np.argsort(np.sum((vectors - target) ** 2, axis=1), kind="stable")[:k]].tolist()
+
+
+@pytest.mark.parametrize("filters", [
+    {"genre": "pop"},  # a family: most of the slice passes (the scan of every row)
+    {"genre": "electronic", "popularity": [20, 100]},
+    {"years": [1970, 1989]},  # few pass: the scan of the passing rows only
+    {"genre": "hip hop"},  # a fine genre (TidyTuesday's subgenre)
+])
+def test_filtered_feature_search_is_exact(catalog, filters):
+    songs = _table(catalog)
+    mask = _passes(songs, filters)
+    assert 10 <= (mask & songs.has_features.to_numpy()).sum() < len(songs)
+    query = songs[songs.has_features].iloc[7][list(FEATURES)].to_dict()
+    found = catalog.search_features(query, k=10, filters=filters)
+    assert [m.song_id for m in found] == _brute_force(catalog, songs, query, mask, 10)
+    partial = {"valence": 0.2, "energy": 0.9, "tempo": 150.0}
+    found = catalog.search_features(partial, k=10, filters=filters)
+    assert [m.song_id for m in found] == _brute_force(catalog, songs, partial, mask, 10)
+    assert all(mask[m.song_id] for m in found)
+
+
+def test_every_list_holds_the_best_songs_that_pass(catalog):
+    songs = _table(catalog)
+    filters = {"genre": "rock"}
+    mask = _passes(songs, filters)
+    text = "love and tears on a rainy night"
+    whole = catalog.search_lyrics(text, k=len(songs))
+    expected = [m.song_id for m in whole if mask[m.song_id]][:5]
+    assert len(expected) == 5
+    assert [m.song_id for m in catalog.search_lyrics(text, k=5, filters=filters)] == expected
+    by_features, by_lyrics, fused = catalog.recommend({"valence": 0.3, "energy": 0.4}, text, k=5, filters=filters)
+    assert [m.song_id for m in by_lyrics] == expected
+    assert len(by_features) == len(fused) == 5
+    for match in by_features + by_lyrics + fused:
+        assert "rock" in match.families and match.genres and match.genre == match.genres[0]
+    assert catalog.filter_note(filters, 5) is None
+
+
+def test_filters_that_leave_few_songs_return_them_all_with_a_note(catalog):
+    songs = _table(catalog)
+    years = songs.year.dropna().astype(int)
+    # a genre and a span of years that leave a handful of songs with features
+    for genre in ("rock", "pop", "r&b and soul", "hip-hop"):
+        for year in sorted(years.unique()):
+            filters = {"genre": genre, "years": [int(year), int(year) + 2], "popularity": [0, 100]}
+            mask = _passes(songs, filters)
+            few = int((mask & songs.has_features.to_numpy()).sum())
+            if 1 <= few < 10:
+                break
+        else:
+            continue
+        break
+    else:
+        pytest.fail("no filter leaves between 1 and 9 songs in the slice")
+    by_features, by_lyrics, fused = catalog.recommend({"valence": 0.5}, "summer love", k=10, filters=filters)
+    assert len(by_features) == few and {m.song_id for m in by_features} == set(np.flatnonzero(
+        mask & songs.has_features.to_numpy()).tolist())
+    assert len(by_lyrics) == int((mask & songs.has_lyrics.to_numpy()).sum())
+    assert all(mask[m.song_id] for m in fused)
+    note = catalog.filter_note(filters, 10)
+    assert note and f"{few:,} song" in note and "fewer than the 10" in note and genre in note
+    nothing = {"genre": genre, "years": [1900, 1901]}
+    assert catalog.recommend({"valence": 0.5}, "summer love", k=10, filters=nothing) == ([], [], [])
+    assert "leave 0 songs" in catalog.filter_note(nothing, 10)
+
+
+def test_a_song_of_unknown_year_or_popularity_does_not_pass_a_filter_on_it(catalog):
+    songs = _table(catalog)
+    found = catalog.search_features({"energy": 0.5}, k=50, filters={"years": [1900, 2100], "popularity": [0, 100]})
+    assert found and all(m.year is not None and m.popularity is not None for m in found)
+    assert songs.year.isna().any() and songs.popularity.isna().any()
+
+
+def test_the_index_checks_a_filter_inside_its_scan_exact_and_inverted_file():
+    from pipeline import vector_index
+
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(3000, 14)).astype(np.float32)
+    allowed = rng.random(3000) < 0.3
+    query = vectors[7] + 0.01
+    truth = np.flatnonzero(allowed)[np.argsort(np.sum((vectors[allowed] - query) ** 2, axis=1))[:10]]
+    flat = vector_index.build(vectors, "l2")
+    _, rows = vector_index.search(flat, query, 10, allowed=allowed)
+    assert rows[0].tolist() == truth.tolist()
+    ivf = vector_index.build(vectors, "l2", exact_limit=100, nprobe=10_000)  # every list probed: exact again
+    assert not vector_index.is_exact(ivf)
+    _, rows = vector_index.search(ivf, query, 10, allowed=allowed)
+    assert rows[0].tolist() == truth.tolist()
+    _, few = vector_index.search(flat, query, 10, allowed=np.arange(3000) < 4)
+    assert sorted(r for r in few[0].tolist() if r >= 0) == [0, 1, 2, 3]  # fewer pass than asked: all of them
+
+
+def test_embeddings_are_cached_per_text_whatever_the_order(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.embedder import encode_cached
+
+    class Counting:
+        info = SimpleNamespace(model_id="m", revision="r", dimension=3)
+        seen: list[str] = []
+
+        def encode(self, texts, show_progress=False):
+            self.seen.extend(texts)
+            return np.array([[len(t), t.count("a"), 1.0] for t in texts], dtype=np.float32)
+
+    embedder = Counting()
+    first = encode_cached(embedder, ["a cat", "a dog", "rain"], tmp_path)
+    again = encode_cached(embedder, ["rain", "new text", "a cat", "rain"], tmp_path)  # reordered, one new
+    assert embedder.seen == ["a cat", "a dog", "rain", "new text"]
+    assert again.tolist() == [first[2].tolist(), [8, 0, 1], first[0].tolist(), first[2].tolist()]
+    # a cache file of the older kind (one whole list, in order) is taken into the store, not embedded again
+    import hashlib
+
+    legacy = ["old one", "old two"]
+    digest = hashlib.sha256("\n".join(["m", "r", *legacy]).encode()).hexdigest()[:24]
+    (tmp_path / "old").mkdir()
+    np.save(tmp_path / "old" / f"{digest}.npy", np.array([[9, 9, 9], [8, 8, 8]], dtype=np.float32))
+    embedder.seen.clear()
+    assert encode_cached(embedder, legacy, tmp_path / "old").tolist() == [[9, 9, 9], [8, 8, 8]]
+    assert encode_cached(embedder, legacy[::-1], tmp_path / "old").tolist() == [[8, 8, 8], [9, 9, 9]]
+    assert embedder.seen == []

@@ -11,6 +11,7 @@ import hashlib
 import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -27,10 +28,15 @@ PADDING_MB = 24  # the Hub client reports progress every 10 MB of a file: a bigg
 
 class FakeHub:
     """The three things `snapshot_download` at a pinned commit asks the Hub: the file tree, then per file a HEAD
-    (commit, ETag, size) and a GET of the bytes, here sent in slow chunks."""
+    (commit, ETag, size) and a GET of the bytes, here sent in slow chunks. `cut` names files whose GETs stop after
+    that many bytes and drop the connection (an interrupted download), until they are taken out of `cut`."""
 
-    def __init__(self, files: dict[str, bytes], chunk: int = 1 << 20, delay_s: float = 0.04):
-        self.files, self.requests = files, []
+    def __init__(self, files: dict[str, bytes], chunk: int = 1 << 20, delay_s: float = 0.04, *, repo: str = REPO,
+                 commit: str = COMMIT, repo_type: str = "model", cut: dict[str, int] | None = None):
+        self.files, self.requests, self.cut = files, [], dict(cut or {})
+        resolve_prefix = f"/{repo}/resolve/{commit}/" if repo_type == "model" else \
+            f"/{repo_type}s/{repo}/resolve/{commit}/"
+        tree = f"/api/{repo_type}s/{repo}/tree/{commit}"
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -39,13 +45,15 @@ class FakeHub:
             def log_message(self, *args):
                 pass
 
-            def _file(self):
-                prefix = f"/{REPO}/resolve/{COMMIT}/"
+            def _name(self):
                 path = unquote(urlparse(self.path).path)
-                return hub.files.get(path[len(prefix):]) if path.startswith(prefix) else None
+                return path[len(resolve_prefix):] if path.startswith(resolve_prefix) else None
+
+            def _file(self):
+                return hub.files.get(self._name())
 
             def _headers(self, data: bytes):
-                self.send_header("X-Repo-Commit", COMMIT)
+                self.send_header("X-Repo-Commit", commit)
                 self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -60,7 +68,7 @@ class FakeHub:
 
             def do_GET(self):
                 hub.requests.append(("GET", self.path))
-                if unquote(urlparse(self.path).path).startswith(f"/api/models/{REPO}/tree/{COMMIT}"):
+                if unquote(urlparse(self.path).path).startswith(tree):
                     body = json.dumps([{"type": "file", "path": name, "size": len(data),
                                         "oid": hashlib.sha1(data).hexdigest()}
                                        for name, data in hub.files.items()]).encode()
@@ -75,6 +83,13 @@ class FakeHub:
                     return self._missing()
                 self.send_response(200)
                 self._headers(data)
+                stop = hub.cut.get(self._name())
+                if stop is not None:
+                    self.wfile.write(data[:stop])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 for start in range(0, len(data), chunk):
                     self.wfile.write(data[start:start + chunk])
                     self.wfile.flush()

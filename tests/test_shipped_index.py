@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.catalog import Catalog
 from pipeline.catalog_schema import REQUIRED_FILES, SCHEMA_VERSION
+from pipeline.features import FEATURES
 from scripts import build_index as b
 from tests.conftest import DATA_DIR, ROOT
 
@@ -25,8 +26,13 @@ def shipped(embedder):
 
 def test_counts_meet_the_targets(shipped):
     counts = shipped.counts
-    assert counts["with_features"] >= 40_000 and counts["with_lyrics"] >= 4_000 and counts["with_both"] >= 3_500
+    assert counts["with_features"] >= 110_000 and counts["with_lyrics"] >= 4_000 and counts["with_both"] >= 3_500
     songs = pq.read_table(INDEX / "songs.parquet").to_pandas()
+    assert songs.has_features.sum() == counts["with_features"]
+    assert songs[list(FEATURES)][songs.has_features].notna().all().all()  # all 13, none missing
+    from_new_table = songs.sources.str.contains("spotify_tracks")
+    assert from_new_table.sum() > 70_000 and (songs.genres != "").sum() > 100_000
+    assert (songs.families != "").sum() == (songs.genres != "").sum()  # every fine genre of the sources has a family
     assert songs["spotify_id"][songs["spotify_id"] != ""].is_unique
     keys = songs.apply(lambda r: f"{b.normalize_artist(r.artist)}|{b.normalize_title(r.title)}", axis=1)
     assert keys.duplicated().mean() < 0.01  # near-duplicates left are different songs with similar names
@@ -38,7 +44,9 @@ def test_manifest_describes_the_build():
     assert manifest["embedder"]["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert len(manifest["embedder"]["revision"]) == 40 and len(manifest["embedder"]["fingerprint"]) == 3
     assert {"mean", "std", "weights", "tau", "bounds"} <= set(manifest["feature_space"])
-    assert {s["name"] for s in manifest["sources"]} == {"tidytuesday", "musicoset", "billboard_lyrics", "tcc_ceds"}
+    assert {s["name"] for s in manifest["sources"]} == {"tidytuesday", "musicoset", "spotify_tracks",
+                                                        "billboard_lyrics", "tcc_ceds"}
+    assert "ODbL" in next(s["licence"] for s in manifest["sources"] if s["name"] == "spotify_tracks")
     assert all(s["licence"] for s in manifest["sources"])
     listed = set(manifest["files"])
     assert listed == {p.name for p in INDEX.iterdir()} - {"manifest.json"} == set(REQUIRED_FILES)
@@ -55,6 +63,23 @@ def test_size_and_formats():
     assert {p.suffix for p in files} <= {".parquet", ".npy", ".faiss", ".json"}
     for path in INDEX.glob("*.npy"):
         np.load(path, allow_pickle=False)
+
+
+def test_filtered_search_on_the_shipped_catalog_is_exact(shipped):
+    """recall@10 = 1.0 against brute force under filters, for full and partial queries, selective and broad."""
+    songs = pq.read_table(INDEX / "songs.parquet").to_pandas()
+    with_features = songs[songs.has_features]
+    vectors = shipped.space.transform(with_features[list(FEATURES)].to_numpy(dtype=float))
+    rng = np.random.default_rng(3)
+    for filters in ({"genre": "jazz"}, {"years": [1980, 1989], "popularity": [0, 40]}, {"popularity": [5, 100]},
+                    {"genre": "latin", "popularity": [60, 100]}):
+        mask = shipped.passing(filters)[with_features["id"].to_numpy()]
+        for row in rng.integers(0, len(with_features), 5):
+            query = with_features.iloc[row][list(FEATURES)].to_numpy(dtype=float)
+            found = [m.song_id for m in shipped.search_features(query, k=10, filters=filters)]
+            d2 = np.sum((vectors[mask] - shipped.space.transform(query[None, :])[0]) ** 2, axis=1)
+            truth = with_features["id"].to_numpy()[mask][np.argsort(d2, kind="stable")[:10]]
+            assert found == truth.tolist(), filters
 
 
 def test_shipped_searches_work(shipped):

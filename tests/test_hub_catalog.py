@@ -1,0 +1,125 @@
+"""A catalog that lives on the Hub (`I2M_CATALOG`), against a local stand-in for the Hub on 127.0.0.1.
+
+huggingface_hub reads `HF_ENDPOINT` when it is imported, so each load runs in a child process (`child()` below)
+with the stand-in's address; the small catalog built by the real build script plays both the Hub's copy and the
+shipped `index/` the app falls back to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_download_progress import ROOT, FakeHub
+
+REPO, COMMIT = "acme/songs", "fedcba9876543210fedcba9876543210fedcba98"
+REF = f"{REPO}@{COMMIT}"
+
+
+def child(index_dir: str, ref: str) -> None:
+    """Runs in the child process: load the catalog as the app does and print what came of it as JSON."""
+    from pipeline.hub_catalog import load_catalog
+    from pipeline.settings import Settings
+
+    loaded = load_catalog(Settings(index_dir=index_dir, catalog=ref))
+    print(json.dumps({"source": loaded.source, "note": loaded.note, "path": str(loaded.catalog.path),
+                      "counts": loaded.catalog.counts}))
+
+
+def _load(hub: FakeHub | None, index_dir, hf_home, ref: str = REF) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1",
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
+               HF_ENDPOINT=hub.endpoint if hub else "http://127.0.0.1:9")  # port 9: nothing listens (offline)
+    env.pop("HF_TOKEN", None)
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.test_hub_catalog import child; "
+            f"child({str(index_dir)!r}, {ref!r})")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=str(ROOT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _files(index) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(index.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def hub_files(small_index):
+    return _files(small_index)
+
+
+def _serve(files, **options) -> FakeHub:
+    return FakeHub(files, delay_s=0, repo=REPO, commit=COMMIT, repo_type="dataset", **options)
+
+
+def test_the_hub_catalog_is_downloaded_once_checked_and_then_read_from_the_cache(hub_files, small_index, tmp_path):
+    shipped = tmp_path / "shipped"  # a different shipped catalog, so the test can tell which one was loaded
+    shipped.mkdir()
+    for name, data in hub_files.items():
+        (shipped / name).write_bytes(data)
+    hub = _serve(hub_files)
+    try:
+        first = _load(hub, shipped, tmp_path / "hf")
+    finally:
+        hub.close()
+    assert first["source"] == "hub" and first["note"] is None, first
+    assert first["path"] != str(shipped) and "datasets--acme--songs" in first["path"]
+    got = {name for method, path in hub.requests if method == "GET" for name in hub_files if path.endswith(name)}
+    assert got == set(hub_files)
+    again = _load(None, shipped, tmp_path / "hf")  # the stand-in is gone: the copy in the cache serves
+    assert again["source"] == "cache" and again["counts"] == first["counts"], again
+
+
+def test_a_tampered_file_falls_back_to_the_shipped_catalog_with_a_note(hub_files, small_index, tmp_path):
+    tampered = dict(hub_files)
+    data = bytearray(tampered["features.faiss"])
+    data[-5] ^= 0xFF
+    tampered["features.faiss"] = bytes(data)
+    hub = _serve(tampered)
+    try:
+        report = _load(hub, small_index, tmp_path / "hf")
+    finally:
+        hub.close()
+    assert report["source"] == "index" and report["path"] == str(small_index)
+    assert REF in report["note"] and "features.faiss does not match its checksum" in report["note"]
+
+
+def test_an_interrupted_download_falls_back_then_completes_on_the_next_start(hub_files, small_index, tmp_path):
+    hub = _serve(hub_files, cut={"lyrics.faiss": len(hub_files["lyrics.faiss"]) // 3})
+    try:
+        interrupted = _load(hub, small_index, tmp_path / "hf")
+        assert interrupted["source"] == "index" and REF in interrupted["note"], interrupted
+        assert sum(1 for method, path in hub.requests if method == "GET" and path.endswith("lyrics.faiss")) >= 2
+        hub.cut.clear()  # the connection holds this time
+        resumed = _load(hub, small_index, tmp_path / "hf")
+    finally:
+        hub.close()
+    assert resumed["source"] == "hub" and resumed["note"] is None, resumed
+
+
+def test_a_catalog_of_another_embedder_is_refused(hub_files, small_index, tmp_path):
+    other = dict(hub_files)
+    manifest = json.loads(other["manifest.json"])
+    manifest["embedder"]["fingerprint"] = [[-v for v in row] for row in manifest["embedder"]["fingerprint"]]
+    other["manifest.json"] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    hub = _serve(other)
+    try:
+        report = _load(hub, small_index, tmp_path / "hf")
+    finally:
+        hub.close()
+    assert report["source"] == "index" and "another sentence embedder" in report["note"]
+
+
+@pytest.mark.parametrize("ref", ["acme/songs", "not a repo@main"])
+def test_a_setting_that_is_not_a_pinned_dataset_is_explained(small_index, tmp_path, ref):
+    report = _load(None, small_index, tmp_path / "hf", ref=ref)
+    assert report["source"] == "index" and "pinned revision" in report["note"]
+
+
+def test_offline_falls_back_with_a_note(small_index, tmp_path):
+    report = _load(None, small_index, tmp_path / "hf")
+    assert report["source"] == "index" and REF in report["note"] and report["counts"]["songs"] > 0
