@@ -156,9 +156,10 @@ class LyricScorer:
         return found
 
     def query(self, q: np.ndarray, text: str) -> LyricQuery:
-        sims = self.passages @ q
+        with _one_blas_thread():
+            sims = self.passages @ q
+            whole = self.means @ q
         best = np.maximum.reduceat(sims, self.starts) if len(self.starts) else sims[:0]
-        whole = self.means @ q
         query_words = [w for w in bag_words(text) if w in self.vocabulary]
         lexical = self.words_score(query_words)
         line = max(_ramp(float(lexical.max()) if len(lexical) else 0.0, LINE_WORDS),
@@ -170,6 +171,21 @@ class LyricScorer:
         relevance = W_BEST * best + W_WHOLE * whole + W_WORDS * lexical + (1 - line) * W_TOPIC * _z(fit)
         return LyricQuery(relevance=relevance, best=best, query_topics=topics, line=line,
                           words=list(dict.fromkeys(query_words)))
+
+
+_BLAS = None
+
+
+def _one_blas_thread():
+    """One query's matrix-vector products on the calling thread alone. Right after the query is embedded, the
+    model's OpenMP team still spins on both cores; a second (BLAS) team fighting it made a 5-ms scan take 20–100 ms
+    on 2 cores (lyric search p50 29–35 ms, p95 90–120 ms; with one BLAS thread 21 / 22 ms)."""
+    global _BLAS
+    from threadpoolctl import ThreadpoolController
+
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
 
 
 def _top(values: np.ndarray, n: int) -> np.ndarray:

@@ -44,7 +44,7 @@ from pipeline import catalog_schema as schema  # noqa: E402
 from pipeline import genres as vocabulary  # noqa: E402
 from pipeline import recommend, vector_index  # noqa: E402
 from pipeline.catalog_schema import SCHEMA_VERSION, file_sha256  # noqa: E402
-from pipeline.features import FEATURES, FeatureSpace  # noqa: E402
+from pipeline.features import FEATURES, RANGES, FeatureSpace  # noqa: E402
 
 BUILDER_VERSION = "3.0"
 PASSAGE_WORDS = 40
@@ -173,6 +173,12 @@ class Record:
         # every source alike: an id that is not Spotify's shape is dropped here, not trusted downstream
         self.spotify_id = schema.spotify_id(self.spotify_id)
         self.genres = tuple(dict.fromkeys(g for g in map(vocabulary.fine_genre, self.genres) if g))
+        # a value outside a feature's range is a placeholder (the Spotify Tracks Dataset writes time signature 0 for
+        # "unknown"), not a measurement: it is dropped, so the song is imputed and flagged or left without it, and
+        # every catalog song stays a valid query
+        if self.features:
+            self.features = {name: value for name, value in self.features.items()
+                             if RANGES[name][0] <= value <= RANGES[name][1]}
 
 
 def _year(value) -> int | None:

@@ -568,3 +568,13 @@ def test_embeddings_are_cached_per_text_whatever_the_order(tmp_path):
     assert encode_cached(embedder, legacy, tmp_path / "old").tolist() == [[9, 9, 9], [8, 8, 8]]
     assert encode_cached(embedder, legacy[::-1], tmp_path / "old").tolist() == [[8, 8, 8], [9, 9, 9]]
     assert embedder.seen == []
+
+
+def test_a_feature_outside_its_range_is_a_placeholder_not_a_measurement():
+    """The Spotify Tracks Dataset writes time signature 0 for unknown: the build drops it (then imputes it, flagged),
+    so every song of the catalog is a valid query for the feature search."""
+    from scripts import build_index as b
+
+    record = b.Record(title="t", artist="a", source="spotify_tracks",
+                      features={"time_signature": 0.0, "tempo": 120.0, "loudness": -80.0})
+    assert record.features == {"tempo": 120.0}
