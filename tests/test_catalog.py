@@ -274,7 +274,7 @@ def test_normalisation_for_deduplication():
 
 def test_records_merge_by_spotify_id_then_by_name():
     sid = "4cjHy6TwppuNZ05yrP8Fic"
-    full = {f: 0.5 for f in FEATURES}
+    full = {**{f: 0.5 for f in FEATURES}, "time_signature": 4.0}
     records = [
         b.Record("Hey Jude - Remastered", "The Beatles", "tidytuesday", spotify_id=sid, genres=("rock", "album rock"),
                  features={k: v for k, v in full.items() if k != "time_signature"}),
@@ -293,7 +293,7 @@ def test_records_merge_by_spotify_id_then_by_name():
     assert jude.sources == {"tidytuesday", "musicoset", "billboard_lyrics", "spotify_tracks"} and jude.lyrics
     # a song listed under several genres, in several tables, keeps them all, each once, the first source's first
     assert jude.genres == ["rock", "album rock", "british"] and jude.popularity == 80
-    assert jude.features.get("time_signature") == 0.5
+    assert jude.features.get("time_signature") == 4.0  # the source without one takes it from another
     umbrella = next(s for s in songs if s.spotify_id == "2" * 22)
     assert umbrella.lyrics and umbrella.sources == {"tidytuesday", "billboard_lyrics"}
 
