@@ -1122,8 +1122,10 @@ def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: S
         ui.filter_genre.change(handlers.refilter_songs, *refilter, **analyze_limits)
         for slider in ui.filter_controls[1:]:
             slider.release(handlers.refilter_songs, *refilter, **analyze_limits)
+        # the status is written again one round trip later: a progress line the stopped stream had already sent
+        # can reach the page after the first write and would otherwise stay there
         ui.stop_btn.click(lambda: "⏹ Stopped.", None, ui.gen_status, cancels=[generation, extension, regeneration],
-                          **instant)
+                          **instant).then(lambda: "⏹ Stopped.", None, ui.gen_status, **instant)
         ui.dice.click(lambda: random.randint(0, 2 ** 31 - 1), None, ui.seed, **instant)
         for key, table in ui.tables.items():
             table.select(_select_for(handlers, key), [ui.state],
