@@ -5,6 +5,7 @@ Everything runs offline: the Hub is never contacted (HF_HUB_OFFLINE=1) and gradi
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -14,6 +15,7 @@ os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,22 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
+
+
+def ffmpeg(*args: str) -> None:
+    """Run FFmpeg quietly (the media tests make their inputs from its test sources)."""
+    subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-v", "error", "-y", *args], check=True,
+                   capture_output=True)
+
+
+def ffprobe(path) -> dict:
+    """ffprobe's JSON for a media file, with its video and audio streams listed apart."""
+    out = subprocess.run(["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
+                          str(path)], check=True, capture_output=True).stdout
+    data = json.loads(out)
+    data["video"] = [s for s in data["streams"] if s["codec_type"] == "video"]
+    data["audio"] = [s for s in data["streams"] if s["codec_type"] == "audio"]
+    return data
 
 @pytest.fixture(scope="session")
 def cache_dir():
@@ -180,3 +198,34 @@ def photo_server(link_port):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{link_port}", seen
     server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tileable_musicgen():
+    return small_tileable_musicgen()
+
+
+def small_tileable_musicgen(text_vocab: int = 512):
+    """A small MusicGen whose decoder shapes the native kernel tiles (multiples of 512), so that the fused C
+    layer — not the per-op PyTorch path the tiny demo model takes — is what runs."""
+    import torch
+    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration,
+                              T5Config)
+
+    from pipeline.demo_models import randomize_codebooks
+
+    text = T5Config(vocab_size=text_vocab, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                    relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    audio = EncodecConfig(sampling_rate=32000, audio_channels=1, num_filters=4, hidden_size=16,
+                          upsampling_ratios=[8, 5, 4, 4], codebook_size=64, codebook_dim=16, target_bandwidths=[1.2],
+                          use_causal_conv=False, norm_type="weight_norm", normalize=False, pad_mode="reflect",
+                          num_lstm_layers=2, compress=2, num_residual_layers=1, chunk_length_s=None, overlap=None)
+    decoder = MusicgenDecoderConfig(vocab_size=64, hidden_size=512, num_hidden_layers=2, num_attention_heads=8,
+                                    ffn_dim=1024, num_codebooks=4, max_position_embeddings=256, pad_token_id=64,
+                                    bos_token_id=64, dropout=0.0)
+    config = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
+    config.decoder_start_token_id = config.pad_token_id = 64
+    torch.manual_seed(0)
+    model = MusicgenForConditionalGeneration(config).eval()
+    randomize_codebooks(model.audio_encoder)
+    return model

@@ -9,6 +9,7 @@ from gradio_client import handle_file
 
 from pipeline.catalog import SongMatch
 from scripts import sample_images as images
+from tests.conftest import ffmpeg, ffprobe
 
 SONG_FIELDS = set(SongMatch.__dataclass_fields__)
 EXAMPLE = "assets/examples/cat.jpg"
@@ -238,20 +239,8 @@ def test_generate_takes_durations_past_the_models_window(client, pipeline):
 FRAME_S = 1 / 25  # of the videos made from photos
 
 
-def ffmpeg(*args: str) -> None:
-    import subprocess
-
-    subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-v", "error", "-y", *args], check=True,
-                   capture_output=True)
-
-
 def mp4_facts(path) -> dict:
-    import json
-    import subprocess
-
-    out = subprocess.run(["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
-                          str(path)], check=True, capture_output=True).stdout
-    data = json.loads(out)
+    data = ffprobe(path)
     kinds = [s["codec_type"] for s in data["streams"]]
     return {"format": data["format"]["format_name"], "duration": float(data["format"]["duration"]),
             "video": kinds.count("video"), "audio": kinds.count("audio"),

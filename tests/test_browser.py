@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import pytest
 import soundfile as sf
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, ffprobe, free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -227,15 +227,6 @@ def test_endless_plays_for_a_minute_and_stops(browser, live_app, pipeline, artif
 
 # -- video & album -------------------------------------------------------------------------------------------------
 
-def _ffprobe(path: Path) -> dict:
-    import json
-    import subprocess
-
-    out = subprocess.run(["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
-                          str(path)], check=True, capture_output=True).stdout
-    return json.loads(out)
-
-
 def _open_media_tab(page, live_app, part: str) -> None:
     page.goto(live_app, wait_until="domcontentloaded")
     page.get_by_role("tab", name="Video & album").click(timeout=TIMEOUT_MS)
@@ -299,7 +290,7 @@ def test_a_clip_is_uploaded_scored_and_downloaded(browser, live_app, artifacts_d
         page.locator("#clip-download").click()
     saved = tmp_path / "scored.mp4"
     info.value.save_as(saved)
-    facts = _ffprobe(saved)
+    facts = ffprobe(saved)
     kinds = sorted(s["codec_type"] for s in facts["streams"])
     assert kinds == ["audio", "video"] and abs(float(facts["format"]["duration"]) - 5.0) <= 0.1
     context.close()
@@ -330,7 +321,7 @@ def test_share_as_video_is_one_click_after_generate(browser, live_app, artifacts
         page.locator("#share-download").click()
     saved = tmp_path / "share.mp4"
     info.value.save_as(saved)
-    facts = _ffprobe(saved)
+    facts = ffprobe(saved)
     video = next(s for s in facts["streams"] if s["codec_type"] == "video")
     assert video["width"] == video["height"]  # square, as asked
     assert abs(float(facts["format"]["duration"]) - 2.0) <= 0.04 + 1e-6

@@ -163,11 +163,6 @@ def test_the_fused_c_path_crosses_windows(tileable_musicgen, cache_dir, demo_pat
     assert more.codes.shape == (4, 50)
 
 
-@pytest.fixture(scope="module")
-def tileable_musicgen():
-    from tests.test_models import small_tileable_musicgen
-
-    return small_tileable_musicgen()
 
 
 # -- continuous batching -----------------------------------------------------------------------------------------------

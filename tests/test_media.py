@@ -17,22 +17,10 @@ from PIL import Image
 from pipeline import media
 from pipeline.errors import Cancelled, InputError, UserFacingError
 from pipeline.media import VideoLimits
+from tests.conftest import ffmpeg
+from tests.conftest import ffprobe as facts
 
 FRAME = 1 / media.FPS
-
-
-def ffmpeg(*args: str) -> None:
-    subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-v", "error", "-y", *args], check=True,
-                   capture_output=True)
-
-
-def facts(path: Path) -> dict:
-    out = subprocess.run(["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
-                          str(path)], check=True, capture_output=True).stdout
-    data = json.loads(out)
-    data["video"] = [s for s in data["streams"] if s["codec_type"] == "video"]
-    data["audio"] = [s for s in data["streams"] if s["codec_type"] == "audio"]
-    return data
 
 
 def top_level_atoms(path: Path) -> list[str]:

@@ -303,36 +303,6 @@ def test_the_scalar_and_avx2_paths_agree_with_the_fast_one(cache_dir, tmp_path):
             assert torch.allclose(other.linear(x, packed), expected, rtol=1e-4, atol=1e-4), (bits, flags)
 
 
-@pytest.fixture(scope="module")
-def tileable_musicgen():
-    return small_tileable_musicgen()
-
-
-def small_tileable_musicgen():
-    """A small MusicGen whose decoder shapes the native kernel tiles (multiples of 512), so that the fused C
-    layer — not the per-op PyTorch path the tiny demo model takes — is what runs."""
-    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration,
-                              T5Config)
-
-    from pipeline.demo_models import randomize_codebooks
-
-    text = T5Config(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-                    relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    audio = EncodecConfig(sampling_rate=32000, audio_channels=1, num_filters=4, hidden_size=16,
-                          upsampling_ratios=[8, 5, 4, 4], codebook_size=64, codebook_dim=16, target_bandwidths=[1.2],
-                          use_causal_conv=False, norm_type="weight_norm", normalize=False, pad_mode="reflect",
-                          num_lstm_layers=2, compress=2, num_residual_layers=1, chunk_length_s=None, overlap=None)
-    decoder = MusicgenDecoderConfig(vocab_size=64, hidden_size=512, num_hidden_layers=2, num_attention_heads=8,
-                                    ffn_dim=1024, num_codebooks=4, max_position_embeddings=256, pad_token_id=64,
-                                    bos_token_id=64, dropout=0.0)
-    config = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
-    config.decoder_start_token_id = config.pad_token_id = 64
-    torch.manual_seed(0)
-    model = MusicgenForConditionalGeneration(config).eval()
-    randomize_codebooks(model.audio_encoder)
-    return model
-
-
 def test_the_fused_c_layer_matches_the_reference_and_the_pytorch_path(tileable_musicgen, cache_dir):
     from pipeline.music.lm import FastMusicLM
 

@@ -22,26 +22,12 @@ def _thresholds():
 def tileable_checkpoint(tmp_path_factory, demo_paths):
     """A small MusicGen saved to disk whose decoder shapes the native kernel tiles (multiples of 512), so that the
     fused C layers with their int8 KV cache are what the check runs (the tiny demo model takes PyTorch's int8)."""
-    from transformers import (AutoProcessor, EncodecConfig, MusicgenConfig, MusicgenDecoderConfig,
-                              MusicgenForConditionalGeneration, T5Config)
+    from transformers import AutoProcessor
 
-    from pipeline.demo_models import randomize_codebooks
+    from tests.conftest import small_tileable_musicgen
 
     processor = AutoProcessor.from_pretrained(demo_paths.music)
-    text = T5Config(vocab_size=len(processor.tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-                    relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    audio = EncodecConfig(sampling_rate=32000, audio_channels=1, num_filters=4, hidden_size=16,
-                          upsampling_ratios=[8, 5, 4, 4], codebook_size=64, codebook_dim=16, target_bandwidths=[1.2],
-                          use_causal_conv=False, norm_type="weight_norm", normalize=False, pad_mode="reflect",
-                          num_lstm_layers=2, compress=2, num_residual_layers=1, chunk_length_s=None, overlap=None)
-    decoder = MusicgenDecoderConfig(vocab_size=64, hidden_size=512, num_hidden_layers=2, num_attention_heads=8,
-                                    ffn_dim=1024, num_codebooks=4, max_position_embeddings=256, pad_token_id=64,
-                                    bos_token_id=64, dropout=0.0)
-    config = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
-    config.decoder_start_token_id = config.pad_token_id = 64
-    torch.manual_seed(0)
-    model = MusicgenForConditionalGeneration(config).eval()
-    randomize_codebooks(model.audio_encoder)
+    model = small_tileable_musicgen(text_vocab=len(processor.tokenizer))
     folder = tmp_path_factory.mktemp("tileable-musicgen")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

@@ -3,31 +3,23 @@ one piece by continuation, and lands in a video of the asked length."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
 from pipeline.errors import Cancelled, InputError
+from tests.conftest import ffmpeg, ffprobe
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = [str(ROOT / "assets" / "examples" / name) for name in ("cat.jpg", "coffee.jpg", "rocket_launch.jpg")]
 FRAME = 1 / 25
 
 
-def ffmpeg(*args: str) -> None:
-    subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-v", "error", "-y", *args], check=True,
-                   capture_output=True)
-
-
 def streams(path: Path) -> dict:
-    out = subprocess.run(["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
-                          str(path)], check=True, capture_output=True).stdout
-    data = json.loads(out)
-    return {"video": [s for s in data["streams"] if s["codec_type"] == "video"],
-            "audio": [s for s in data["streams"] if s["codec_type"] == "audio"],
+    data = ffprobe(path)
+    return {"video": data["video"],
+            "audio": data["audio"],
             "duration": float(data["format"]["duration"])}
 
 
