@@ -1016,10 +1016,7 @@ def build_media_tab(ui: Layout, settings: Settings) -> None:
                     ui.share_btn = gr.Button("🎬 Make a video of the photo and the last clip", variant="primary",
                                              elem_id="share-btn")
                 with gr.Column(scale=7, min_width=280):
-                    ui.share_video = gr.Video(label="Photo video", interactive=False, elem_id="share-video",
-                                              height=360)
-                    ui.share_download = gr.DownloadButton("Download MP4", visible=False, elem_id="share-download")
-                    ui.share_status = gr.Markdown(elem_id="share-status")
+                    ui.share_video, ui.share_download, ui.share_status = _made_video("share", "Photo video")
         with gr.Tab("Album", id="album-tab"):
             gr.Markdown("2–10 photos become a slideshow whose music follows them: each photo gets its own prompt "
                         "and an equal share of the time, and the music moves to the next photo's mood as the "
@@ -1039,16 +1036,8 @@ def build_media_tab(ui: Layout, settings: Settings) -> None:
                                                                            ui.album_seed],
                                 label="Or try three example photos")
                 with gr.Column(scale=7, min_width=280):
-                    ui.album_video = gr.Video(label="Slideshow", interactive=False, elem_id="album-video",
-                                              height=360)
-                    ui.album_download = gr.DownloadButton("Download MP4", visible=False, elem_id="album-download")
-                    ui.album_status = gr.Markdown(elem_id="album-status")
-            ui.album_parts = gr.Dataframe(headers=PART_HEADERS, value=[], interactive=False, wrap=True,
-                                          label="Each photo's part", elem_id="album-parts",
-                                          column_widths=PART_WIDTHS)
-            ui.album_songs = gr.Dataframe(headers=SONG_HEADERS, value=[], interactive=False, wrap=True,
-                                          datatype=SONG_TYPES, label="Songs for the whole album",
-                                          elem_id="album-songs", elem_classes=["songs-table"])
+                    ui.album_video, ui.album_download, ui.album_status = _made_video("album", "Slideshow")
+            ui.album_parts, ui.album_songs = _parts_and_songs("album", "photo", "album")
         with gr.Tab("Score a video", id="score-tab"):
             gr.Markdown(f"A clip of up to {settings.video_max_s:g} s gets new music: its scenes are found, each "
                         "gets a caption, a mood and a prompt, and the music changes at the cuts, without a seam.")
@@ -1062,16 +1051,24 @@ def build_media_tab(ui: Layout, settings: Settings) -> None:
                     gr.Examples(examples=[[CLIP_EXAMPLE, 7, False]], inputs=[ui.clip_in, ui.clip_seed, ui.clip_keep],
                                 label="Or try an example clip")
                 with gr.Column(scale=7, min_width=280):
-                    ui.clip_video = gr.Video(label="Scored video", interactive=False, elem_id="clip-video",
-                                              height=360)
-                    ui.clip_download = gr.DownloadButton("Download MP4", visible=False, elem_id="clip-download")
-                    ui.clip_status = gr.Markdown(elem_id="clip-status")
-            ui.clip_parts = gr.Dataframe(headers=PART_HEADERS, value=[], interactive=False, wrap=True,
-                                         label="Each scene's part", elem_id="clip-parts",
-                                          column_widths=PART_WIDTHS)
-            ui.clip_songs = gr.Dataframe(headers=SONG_HEADERS, value=[], interactive=False, wrap=True,
-                                         datatype=SONG_TYPES, label="Songs for the whole clip",
-                                         elem_id="clip-songs", elem_classes=["songs-table"])
+                    ui.clip_video, ui.clip_download, ui.clip_status = _made_video("clip", "Scored video")
+            ui.clip_parts, ui.clip_songs = _parts_and_songs("clip", "scene", "clip")
+
+
+def _made_video(prefix: str, label: str) -> tuple:
+    """Where a made MP4 shows: its player, a download button that appears when it is ready, a status line."""
+    return (gr.Video(label=label, interactive=False, elem_id=f"{prefix}-video", height=360),
+            gr.DownloadButton("Download MP4", visible=False, elem_id=f"{prefix}-download"),
+            gr.Markdown(elem_id=f"{prefix}-status"))
+
+
+def _parts_and_songs(prefix: str, part: str, whole: str) -> tuple:
+    """Each part's caption, mood and prompt, then the songs for the whole album or clip."""
+    return (gr.Dataframe(headers=PART_HEADERS, value=[], interactive=False, wrap=True, label=f"Each {part}'s part",
+                         elem_id=f"{prefix}-parts", column_widths=PART_WIDTHS),
+            gr.Dataframe(headers=SONG_HEADERS, value=[], interactive=False, wrap=True, datatype=SONG_TYPES,
+                         label=f"Songs for the whole {whole}", elem_id=f"{prefix}-songs",
+                         elem_classes=["songs-table"]))
 
 
 # -- wiring ----------------------------------------------------------------------------------------------------------
