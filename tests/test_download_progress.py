@@ -171,7 +171,7 @@ def test_a_first_run_download_shows_bytes_total_and_speed_in_the_status(fake_hub
     assert midway, report["seen"]
     assert any(s["progress"]["bytes_per_s"] > 0 for s in midway)
     assert all(s["detail"].startswith("downloading ") and " / " in s["detail"] and "MB" in s["detail"]
-               for s in midway)
+               for s in midway), [(s["detail"], s["progress"]) for s in midway]
     # the total grows as the client learns each file's size, and is complete before the big file ends
     assert all(s["progress"]["bytes"] <= s["progress"]["total"] <= total for s in midway)
     assert midway[-1]["progress"]["total"] == total
