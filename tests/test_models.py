@@ -400,3 +400,34 @@ def test_sampling_follows_temperature_top_k_and_top_p(top_k, top_p):
     expected = scaled.softmax(-1)
     assert (counts / 8000 - expected).abs().max() < 0.03
     assert counts[expected == 0].sum() == 0
+
+
+def test_the_fused_layers_agree_across_the_kernel_builds(tileable_musicgen, cache_dir, tmp_path):
+    """The key cache is read in blocks of 16 positions by VNNI on this CPU and position by position by the portable
+    builds; 40 positions cover whole blocks and a partial one. Scores are exact integer sums on every path, so the
+    builds differ only by float rounding (which can move an activation across an int8 rounding step: 0.6 % of the
+    largest logit at most, measured). A misread layout gives unrelated logits."""
+    import ctypes
+    import shutil
+
+    from pipeline.music import native as native_kernels
+    from pipeline.music.lm import FastMusicLM
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here")
+    ids = torch.tensor([[5, 9, 13, 1]])
+    mask = torch.ones_like(ids)
+    tokens = torch.randint(0, 64, (1, 4, 40), generator=torch.Generator().manual_seed(5))
+    tokens[:, :, 0] = 64
+    lm = FastMusicLM(copy.deepcopy(tileable_musicgen), weights="int5", cache_dir=str(cache_dir))
+    if not lm.fused:
+        pytest.skip("no native kernel on this machine")
+    expected = lm.teacher_forced_logits(ids, mask, tokens)
+    for flags in (["-march=x86-64", "-mf16c"], ["-march=haswell"]):
+        target = tmp_path / f"layers{flags[0][7:]}.so"
+        native_kernels.compile_kernel(target, ["-O2", *flags])
+        lm.use_kernel(native_kernels.LowBitKernel(ctypes.CDLL(str(target)), target))
+        got = lm.teacher_forced_logits(ids, mask, tokens)
+        cosine = torch.nn.functional.cosine_similarity(got.flatten().double(), expected.flatten().double(), dim=0)
+        assert cosine > 0.9999, (flags, float(cosine), float((got - expected).abs().max()), float(expected.abs().max()))
+        assert torch.allclose(got, expected, atol=0.02 * expected.abs().max().item()), flags

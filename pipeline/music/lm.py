@@ -112,7 +112,7 @@ class FastMusicLM:
                 all(getattr(layer, name).native for layer in self.layers for name in LAYER_MATRICES):
             from .native import MAX_HEAD_DIM, FusedLayer, FusedStack
 
-            if self.head_dim <= MAX_HEAD_DIM:
+            if self.head_dim <= MAX_HEAD_DIM and self.head_dim % 4 == 0:
                 self._fused = FusedStack(kernel, [FusedLayer([getattr(layer, name).packed for name in LAYER_MATRICES],
                                           [block.self_attn_layer_norm.weight, block.self_attn_layer_norm.bias,
                                            block.encoder_attn_layer_norm.weight, block.encoder_attn_layer_norm.bias,
@@ -167,6 +167,13 @@ class FastMusicLM:
 
             return RowCache(len(self.layers), self.heads, length, self.head_dim)
         return TorchCache(len(self.layers), self.heads, length, self.head_dim, self.cache_dtype, self.device)
+
+    def use_kernel(self, kernel) -> None:
+        """Run the fused layers with another build of the native kernel (tests compare the portable AVX2 and
+        scalar builds with the one compiled for this CPU); the packed weights are the same bytes for every build."""
+        if self._fused is None:
+            raise ValueError("this decoder does not run fused native layers")
+        self._fused.kernel = kernel
 
     @property
     def fused(self) -> bool:

@@ -35,6 +35,7 @@ SUPERBLOCK = 512
 # (its comment on mg_layer names them the same way); the decode loop packs them under these names.
 LAYER_MATRICES = ("qkv", "out", "cross_q", "cross_out", "fc1", "fc2")
 MAX_HEAD_DIM = 256  # mg_layer quantizes one key per head into a stack buffer of this many bytes
+KEY_BLOCK = 16  # positions per block of the key cache (KB in the C source)
 log = logging.getLogger(__name__)
 
 
@@ -93,8 +94,10 @@ class FusedLayer:
     def __init__(self, matrices: list["PackedLowBit"], norms: list[torch.Tensor], eps: float, heads: int):
         if len(matrices) != len(LAYER_MATRICES):
             raise ValueError(f"a fused layer takes {len(LAYER_MATRICES)} matrices: {', '.join(LAYER_MATRICES)}")
-        if matrices[1].out_features // heads > MAX_HEAD_DIM:
-            raise ValueError(f"the fused layer handles heads of at most {MAX_HEAD_DIM} dimensions")
+        head_dim = matrices[1].out_features // heads
+        if head_dim > MAX_HEAD_DIM or head_dim % 4:
+            raise ValueError(f"the fused layer handles heads of at most {MAX_HEAD_DIM} dimensions, a multiple of 4 "
+                             "(the key cache holds 4 dimensions per position side by side)")
         self.matrices = matrices
         self.norms = [n.detach().float().contiguous() for n in norms]
         self.eps = float(eps)
@@ -108,14 +111,17 @@ class FusedLayer:
 
 
 class RowCache:
-    """One row's KV cache in every layer, for the C path: int8 keys (H, Dh, T) — transposed, for the kernel's
-    vectorised scores — and values (H, T, Dh), with fp32 scales (H, T)."""
+    """One row's KV cache in every layer, for the C path: keys in blocks of 16 positions, (H, Tpad/16, Dh/4, 16, 4)
+    uint8 (k + 128, the layout `attend_cache` in the C source reads with one VNNI instruction per 16 positions and
+    4 dimensions), values (H, T, Dh) int8, fp32 scales (H, Tpad) for keys and (H, T) for values; Tpad is T rounded
+    up to 16."""
 
     def __init__(self, layers: int, heads: int, length: int, head_dim: int):
         self.length = length
-        self.tensors = [(torch.zeros(heads, head_dim, length, dtype=torch.int8),
+        padded = -(-length // KEY_BLOCK) * KEY_BLOCK
+        self.tensors = [(torch.zeros(heads, padded * head_dim, dtype=torch.uint8),
                          torch.zeros(heads, length, head_dim, dtype=torch.int8),
-                         torch.zeros(heads, length), torch.zeros(heads, length)) for _ in range(layers)]
+                         torch.zeros(heads, padded), torch.zeros(heads, length)) for _ in range(layers)]
         self.table = (_Cache * layers)(*[_Cache(*(t.data_ptr() for t in cache)) for cache in self.tensors])
 
 
@@ -134,7 +140,7 @@ class FusedStack:
     position and text (or none)."""
 
     def __init__(self, kernel: "LowBitKernel", layers: list[FusedLayer]):
-        self._kernel = kernel
+        self.kernel = kernel
         self._layers = layers
         self._table = (_LayerTable * len(layers))(*[layer.table for layer in layers])
         first = layers[0]
@@ -156,9 +162,9 @@ class FusedStack:
         cross = (pointer * b)(*[ctypes.addressof(t.table) if t is not None else None for t in texts])
         text_lengths = (ctypes.c_int * b)(*[t.length if t is not None else 0 for t in texts])
         valid = (pointer * b)(*[t.valid.data_ptr() if t is not None else None for t in texts])
-        status = self._kernel._layers(x.data_ptr(), b, hidden, heads, ffn, ctypes.addressof(self._table),
+        status = self.kernel._layers(x.data_ptr(), b, hidden, heads, ffn, ctypes.addressof(self._table),
                                       len(self._layers), eps, cache_ptrs, lengths, where, cross, text_lengths,
-                                      valid, self._kernel.threads)
+                                      valid, self.kernel.threads)
         if status != 0:
             raise MemoryError("the fused decoder layers could not allocate scratch memory")
 

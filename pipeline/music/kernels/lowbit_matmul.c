@@ -112,11 +112,9 @@ static inline __attribute__((always_inline)) void row(
             __m512i lo = _mm512_and_si512(b, low);
             __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
             if (bits == 5) {
-                uint64_t bits_lo, bits_hi;
-                memcpy(&bits_lo, hb + 8 * i, 8);
-                memcpy(&bits_hi, hb + 8 * (i + 4), 8);
-                lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi8(_cvtu64_mask64(bits_lo), sixteen));
-                hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(_cvtu64_mask64(bits_hi), sixteen));
+                /* the plane loads straight into a mask register; one masked byte add sets the fifth bit */
+                lo = _mm512_mask_add_epi8(lo, _load_mask64((__mmask64*)(hb + 8 * i)), lo, sixteen);
+                hi = _mm512_mask_add_epi8(hi, _load_mask64((__mmask64*)(hb + 8 * (i + 4))), hi, sixteen);
             }
             a0 = _mm512_dpbusd_epi32(a0, lo, _mm512_loadu_si512((const void*)(xb0 + 64 * i)));
             a0 = _mm512_dpbusd_epi32(a0, hi, _mm512_loadu_si512((const void*)(xb0 + 64 * (i + 4))));
@@ -234,11 +232,9 @@ static inline __attribute__((always_inline)) void rows4(
             __m512i lo = _mm512_and_si512(b, low);
             __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
             if (bits == 5) {
-                uint64_t bits_lo, bits_hi;
-                memcpy(&bits_lo, hb + 8 * i, 8);
-                memcpy(&bits_hi, hb + 8 * (i + 4), 8);
-                lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi8(_cvtu64_mask64(bits_lo), sixteen));
-                hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(_cvtu64_mask64(bits_hi), sixteen));
+                /* the plane loads straight into a mask register; one masked byte add sets the fifth bit */
+                lo = _mm512_mask_add_epi8(lo, _load_mask64((__mmask64*)(hb + 8 * i)), lo, sixteen);
+                hi = _mm512_mask_add_epi8(hi, _load_mask64((__mmask64*)(hb + 8 * (i + 4))), hi, sixteen);
             }
             for (int r = 0; r < nr; r++) {
                 const int8_t* xb = x[r] + s * SB;
@@ -409,6 +405,18 @@ static void layer_norm(const float* x, float* y, int D, const float* w, const fl
    matters because attention reads the whole cache every step */
 static inline float quantize_vector(const float* v, int8_t* q, int dh) {
     float amax = 0.f;
+#if ISA == 2
+    if (dh % 16 == 0) {  /* the same values as the scalar loop: cvtps rounds to nearest even, like lrintf */
+        __m512 m = _mm512_setzero_ps();
+        for (int i = 0; i < dh; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(v + i)));
+        amax = _mm512_reduce_max_ps(m);
+        const __m512 id = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        for (int i = 0; i < dh; i += 16)
+            _mm_storeu_si128((__m128i*)(q + i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(
+                _mm512_mul_ps(_mm512_loadu_ps(v + i), id))));
+        return amax / 127.f;
+    }
+#endif
     for (int i = 0; i < dh; i++) { const float a = fabsf(v[i]); amax = a > amax ? a : amax; }
     const float id = amax > 0.f ? 127.f / amax : 0.f;
     for (int i = 0; i < dh; i++) q[i] = (int8_t)lrintf(v[i] * id);
@@ -448,36 +456,73 @@ static inline __m512 exp_nonpositive(__m512 x) {
 }
 #endif
 
-/* Self-attention of one head over its int8 cache: keys stored transposed (Dh, Tmax) so that 16 positions' scores
-   come from one FMA per dimension, values (Tmax, Dh); one fp32 scale per position for each. */
-static void attend_cache(const float* q, const int8_t* keys_t, const int8_t* values, const float* k_scale,
-                         const float* v_scale, int T, int Tmax, int dh, float* scores, float* out) {
-    const float scale = 1.f / sqrtf((float)dh);
-    for (int i = 0; i < dh; i++) out[i] = 0.f;
-    int t0 = 0;
+/* Keys live in blocks of 16 positions, (Dh/4, 16, 4) bytes each: for every 4 dimensions, 16 positions' 4 bytes side
+   by side. One VNNI dot-product instruction then gives 16 positions' partial scores for 4 dimensions, reading 64
+   contiguous bytes (the transposed (Dh, T) layout this replaces read 16 bytes from each of Dh rows Tmax apart, and
+   a position's key was 64 single-byte writes as far apart). Keys are stored offset to unsigned (k + 128), the
+   operand vpdpbusd multiplies unsigned; the query is quantized to int8 per head, so a score is an exact integer
+   sum(q8 * (k + 128)) - 128 * sum(q8) times the two scales: exact integers, so every ISA path gets the same scores
+   up to the float scaling. */
+#define KB 16
+static inline size_t key_block_bytes(int dh) { return (size_t)KB * dh; }
+static inline int padded_length(int tmax) { return (tmax + KB - 1) / KB * KB; }
+
+static inline void store_key(uint8_t* keys, int pos, const int8_t* key, int dh) {
+    uint8_t* block = keys + (size_t)(pos / KB) * key_block_bytes(dh) + (pos % KB) * 4;
+    for (int i = 0; i < dh; i++) block[(i / 4) * KB * 4 + (i % 4)] = (uint8_t)(key[i] + 128);
+}
+
+/* Self-attention of one head over its int8 cache: keys in blocks (above), values (Tmax, Dh); one fp32 scale per
+   position for each. `scores` holds at least T rounded up to 16 floats. */
+static void attend_cache(const float* q, const uint8_t* keys, const int8_t* values, const float* k_scale,
+                         const float* v_scale, int T, int dh, float* scores, float* out) {
+    int8_t q8[256];
+    const float qs = quantize_vector(q, q8, dh);
+    int qsum = 0;
+    for (int i = 0; i < dh; i++) qsum += q8[i];
+    const float scale = qs / sqrtf((float)dh);
+    const size_t bb = key_block_bytes(dh);
     float top = -INFINITY;
+    int b0 = 0;
 #if ISA == 2
-    for (; t0 + 16 <= T; t0 += 16) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int i = 0; i < dh; i++) {
-            const __m512 k = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                _mm_loadu_si128((const __m128i*)(keys_t + (size_t)i * Tmax + t0))));
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), k, acc);
+    if (dh % 16 == 0) {
+        int32_t q32[64];
+        memcpy(q32, q8, (size_t)dh);
+        const __m512i bias = _mm512_set1_epi32(128 * qsum);
+        for (const int blocks = (T + KB - 1) / KB; b0 < blocks; b0++) {
+            const uint8_t* kb = keys + (size_t)b0 * bb;
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+            for (int g = 0; g < dh / 4; g += 4) {  /* four independent chains: the instruction's latency hides */
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512((const void*)(kb + 64 * g)), _mm512_set1_epi32(q32[g]));
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512((const void*)(kb + 64 * (g + 1))),
+                                         _mm512_set1_epi32(q32[g + 1]));
+                a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512((const void*)(kb + 64 * (g + 2))),
+                                         _mm512_set1_epi32(q32[g + 2]));
+                a3 = _mm512_dpbusd_epi32(a3, _mm512_loadu_si512((const void*)(kb + 64 * (g + 3))),
+                                         _mm512_set1_epi32(q32[g + 3]));
+            }
+            const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)),
+                                                 bias);
+            __m512 s = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(scale)),
+                                     _mm512_loadu_ps(k_scale + b0 * KB));
+            const int valid = T - b0 * KB;
+            if (valid < KB)  /* positions past T hold stale bytes: out of the softmax */
+                s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), (__mmask16)((1u << valid) - 1), s);
+            _mm512_storeu_ps(scores + b0 * KB, s);
+            const float m = _mm512_reduce_max_ps(s);
+            top = m > top ? m : top;
         }
-        acc = _mm512_mul_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(k_scale + t0), _mm512_set1_ps(scale)));
-        _mm512_storeu_ps(scores + t0, acc);
-        const float m = _mm512_reduce_max_ps(acc);
-        top = m > top ? m : top;
     }
 #endif
-    for (int t = t0; t < T; t++) {
-        float dot = 0.f;
-        for (int i = 0; i < dh; i++) dot += q[i] * (float)keys_t[(size_t)i * Tmax + t];
-        scores[t] = dot * k_scale[t] * scale;
+    for (int t = b0 * KB; t < T; t++) {
+        const uint8_t* kb = keys + (size_t)(t / KB) * bb + (t % KB) * 4;
+        int dot = 0;
+        for (int i = 0; i < dh; i++) dot += q8[i] * (int)kb[(i / 4) * KB * 4 + (i % 4)];
+        scores[t] = (float)(dot - 128 * qsum) * scale * k_scale[t];
         top = scores[t] > top ? scores[t] : top;
     }
     float total = 0.f;
-    t0 = 0;
+    int t0 = 0;
 #if ISA == 2
     __m512 sum = _mm512_setzero_ps();
     for (; t0 + 16 <= T; t0 += 16) {
@@ -492,6 +537,36 @@ static void attend_cache(const float* q, const int8_t* keys_t, const int8_t* val
         total += scores[t];
     }
     const float norm = 1.f / total;
+#if ISA == 2
+    if (dh % 64 == 0) {  /* 64 dimensions at a time in registers, two positions at a time so the chains overlap */
+        for (int d0 = 0; d0 < dh; d0 += 64) {
+            __m512 o[2][4];
+            for (int j = 0; j < 2; j++)
+                for (int c = 0; c < 4; c++) o[j][c] = _mm512_setzero_ps();
+            int t = 0;
+            for (; t + 2 <= T; t += 2)
+                for (int j = 0; j < 2; j++) {
+                    const __m512 p = _mm512_set1_ps(scores[t + j] * norm * v_scale[t + j]);
+                    const __m512i v = _mm512_loadu_si512((const void*)(values + (size_t)(t + j) * dh + d0));
+                    o[j][0] = _mm512_fmadd_ps(p, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(v))), o[j][0]);
+                    o[j][1] = _mm512_fmadd_ps(p, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 1))), o[j][1]);
+                    o[j][2] = _mm512_fmadd_ps(p, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 2))), o[j][2]);
+                    o[j][3] = _mm512_fmadd_ps(p, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 3))), o[j][3]);
+                }
+            for (; t < T; t++) {
+                const __m512 p = _mm512_set1_ps(scores[t] * norm * v_scale[t]);
+                const __m512i v = _mm512_loadu_si512((const void*)(values + (size_t)t * dh + d0));
+                o[0][0] = _mm512_fmadd_ps(p, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(v))), o[0][0]);
+                o[0][1] = _mm512_fmadd_ps(p, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 1))), o[0][1]);
+                o[0][2] = _mm512_fmadd_ps(p, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 2))), o[0][2]);
+                o[0][3] = _mm512_fmadd_ps(p, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 3))), o[0][3]);
+            }
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + d0 + 16 * c, _mm512_add_ps(o[0][c], o[1][c]));
+        }
+        return;
+    }
+#endif
+    for (int i = 0; i < dh; i++) out[i] = 0.f;
     for (int t = 0; t < T; t++) axpy_i8(scores[t] * norm * v_scale[t], values + (size_t)t * dh, out, dh);
 }
 
@@ -526,11 +601,11 @@ static void attend(const float* q, const float* keys, const float* values, int T
     }
 }
 
-/* One row's KV cache for one layer: int8 keys (H, Dh, Tmax), i.e. transposed, values (H, Tmax, Dh), fp32 scales
-   (H, Tmax) each. Every row of a step (a listener's conditional or unconditional stream, or a window being
+/* One row's KV cache for one layer: keys (H, Tpad / 16, Dh / 4, 16, 4) unsigned (see attend_cache), values
+   (H, Tmax, Dh) int8, fp32 scales (H, Tpad) for keys and (H, Tmax) for values, Tpad = Tmax rounded up to 16. Every row of a step (a listener's conditional or unconditional stream, or a window being
    prefilled) has its own, with its own length and position, so no row's result depends on the others. */
 typedef struct {
-    int8_t* k;
+    uint8_t* k;
     int8_t* v;
     float* ks;
     float* vs;
@@ -574,6 +649,7 @@ static int mg_layer(float* x, int B, int D, int H, int F, const layer_t* L, int 
     float* y = (float*)malloc(sizeof(float) * (size_t)B * (F > 3 * D ? F : 3 * D));
     float* qkv = (float*)malloc(sizeof(float) * (size_t)B * 3 * D);
     float* attn = (float*)malloc(sizeof(float) * (size_t)B * D);
+    span = padded_length(span);  /* attention scores whole blocks of 16 positions */
     float* scores = (float*)malloc(sizeof(float) * (size_t)nthreads * span);
     int* crow = (int*)malloc(sizeof(int) * (size_t)(B > 0 ? B : 1));
     if (!y || !qkv || !attn || !scores || !crow) {
@@ -592,22 +668,21 @@ static int mg_layer(float* x, int B, int D, int H, int F, const layer_t* L, int 
     for (int bh = 0; bh < B * H; bh++) {
         const int b = bh / H, h = bh % H;
         const cache_t* c = &R->cache[b][l];
-        const int tmax = R->tmax[b], pos = R->pos[b];
-        const size_t row = (size_t)h * tmax;
+        const int tmax = R->tmax[b], tpad = padded_length(tmax), pos = R->pos[b];
         const float* q = qkv + (size_t)b * 3 * D + h * dh;
         int8_t key[256];
-        c->ks[row + pos] = quantize_vector(q + D, key, dh);
-        for (int i = 0; i < dh; i++) c->k[row * dh + (size_t)i * tmax + pos] = key[i];  /* keys transposed */
-        c->vs[row + pos] = quantize_vector(q + 2 * D, c->v + (row + pos) * dh, dh);
+        c->ks[(size_t)h * tpad + pos] = quantize_vector(q + D, key, dh);
+        store_key(c->k + (size_t)h * tpad * dh, pos, key, dh);
+        c->vs[(size_t)h * tmax + pos] = quantize_vector(q + 2 * D, c->v + ((size_t)h * tmax + pos) * dh, dh);
     }
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int bh = 0; bh < B * H; bh++) {
         const int b = bh / H, h = bh % H;
         const cache_t* c = &R->cache[b][l];
-        const int tmax = R->tmax[b], pos = R->pos[b];
-        const size_t row = (size_t)h * tmax;
-        attend_cache(qkv + (size_t)b * 3 * D + h * dh, c->k + row * dh, c->v + row * dh, c->ks + row, c->vs + row,
-                     pos + 1, tmax, dh, scores + (size_t)omp_get_thread_num() * span, attn + (size_t)b * D + h * dh);
+        const int tmax = R->tmax[b], tpad = padded_length(tmax), pos = R->pos[b];
+        attend_cache(qkv + (size_t)b * 3 * D + h * dh, c->k + (size_t)h * tpad * dh, c->v + (size_t)h * tmax * dh,
+                     c->ks + (size_t)h * tpad, c->vs + (size_t)h * tmax, pos + 1, dh,
+                     scores + (size_t)omp_get_thread_num() * span, attn + (size_t)b * D + h * dh);
     }
     status |= matmul(attn, B, D, &weights[1], x, D, x, ACT_NONE, threads);
 
