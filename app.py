@@ -30,7 +30,7 @@ from gradio.components.api_component import Api as ApiParameter
 from gradio.data_classes import FileData
 
 from pipeline import catalog_schema
-from pipeline.audio import wav_bytes
+from pipeline.audio import joined_wav_bytes, wav_bytes
 from pipeline.components import missing_models_message, status_report
 from pipeline.core import Pipeline, get_pipeline
 from pipeline.errors import Cancelled, ComponentLoading, ComponentUnavailable, UserFacingError
@@ -271,12 +271,18 @@ class Background:
     cancels the work. After the loop, `result` holds what the work returned (its exception is raised instead).
 
     Work whose reports nobody has taken for READER_GONE_S (a server that stopped reading without closing the
-    handler) is cancelled, as the fair line reclaims an untouched ticket."""
+    handler) is cancelled, as the fair line reclaims an untouched ticket.
 
-    def __init__(self, work, *args, **kwargs):
+    `music=True` also hands the work a `listen(samples, rate)` callback; `take_music` then gives what it heard
+    since the last call. Unlike progress reports, no chunk of music is ever dropped."""
+
+    def __init__(self, work, *args, music: bool = False, **kwargs):
         self.cancel = threading.Event()
         self.result = None
         self._updates: queue.Queue = queue.Queue()
+        self._music: queue.Queue = queue.Queue()
+        if music:
+            kwargs["listen"] = self._hear
         self._error: BaseException | None = None
         self._pulled = time.monotonic()
         self._thread = threading.Thread(target=self._run, args=(work, args, kwargs), daemon=True,
@@ -286,6 +292,17 @@ class Background:
         if time.monotonic() - self._pulled > READER_GONE_S:
             self.cancel.set()
         self._updates.put((float(fraction), message or f"Making the video: {100 * fraction:.0f} %"))
+
+    def _hear(self, samples, rate: int) -> None:
+        self._music.put((samples, rate))
+
+    def take_music(self) -> bytes | None:
+        """The music heard since the last call as one WAV, or None."""
+        chunks, rate = [], None
+        while not self._music.empty():
+            samples, rate = self._music.get_nowait()
+            chunks.append(samples)
+        return joined_wav_bytes(chunks, rate) if chunks else None
 
     def _run(self, work, args, kwargs) -> None:
         try:
@@ -542,13 +559,17 @@ class Handlers:
                                     request, progress)
 
     def _soundtrack(self, work, args, kwargs, request, progress):
-        """Outputs: the video, its download, the status line, the parts table, the songs table."""
+        """Outputs: the music player, the video, its download, the status line, the parts table, the songs table.
+        The music plays as it is made; the MP4 follows a few seconds after its end."""
         hidden = gr.update(visible=False, value=None)
         client = client_id(request, self.settings.trusted_proxies)
-        with Background(work, *args, client=client, **kwargs) as job:
+        yield None, None, hidden, "⏳ Starting…", gr.skip(), gr.skip()
+        with Background(work, *args, client=client, music=True, **kwargs) as job:
             for fraction, message in job:
                 progress(fraction, desc=message)
-                yield gr.skip(), hidden, f"⏳ {message}", gr.skip(), gr.skip()
+                music = job.take_music()
+                yield (gr.skip() if music is None else music), gr.skip(), hidden, f"⏳ {message}", gr.skip(), \
+                    gr.skip()
         made = job.result
         path = str(made.video.path)
         rows = [[k, round(p.start_s, 2), round(p.end_s, 2), p.caption, p.emotion, p.prompt]
@@ -556,7 +577,8 @@ class Handlers:
         notes = "".join(f" {note}" for note in made.notes)
         status = (f"✅ {made.video.info.duration_s:.1f} s, {len(made.parts)} part{'s' if len(made.parts) != 1 else ''}"
                   f", seed {made.seed}. The music moves to each part's prompt at its start, without a cut.{notes}")
-        yield (path, gr.update(visible=True, value=path), status, rows,
+        music = job.take_music()  # the last chunks, when they came with the work's final report
+        yield ((gr.skip() if music is None else music), path, gr.update(visible=True, value=path), status, rows,
                song_rows(made.songs.get("songs_fused", [])))
 
     def select_song(self, state, which, evt: gr.SelectData):
@@ -1020,7 +1042,8 @@ def build_media_tab(ui: Layout, settings: Settings) -> None:
         with gr.Tab("Album", id="album-tab"):
             gr.Markdown("2–10 photos become a slideshow whose music follows them: each photo gets its own prompt "
                         "and an equal share of the time, and the music moves to the next photo's mood as the "
-                        "pictures crossfade, without a cut.")
+                        "pictures crossfade, without a cut. The music plays as it is made; the MP4 follows a few "
+                        "seconds after it ends.")
             with gr.Row(equal_height=False):
                 with gr.Column(scale=5, min_width=280):
                     ui.album_files = gr.File(file_count="multiple", file_types=["image"], type="filepath",
@@ -1036,11 +1059,13 @@ def build_media_tab(ui: Layout, settings: Settings) -> None:
                                                                            ui.album_seed],
                                 label="Or try three example photos")
                 with gr.Column(scale=7, min_width=280):
+                    ui.album_music = _music_player("album")
                     ui.album_video, ui.album_download, ui.album_status = _made_video("album", "Slideshow")
             ui.album_parts, ui.album_songs = _parts_and_songs("album", "photo", "album")
         with gr.Tab("Score a video", id="score-tab"):
             gr.Markdown(f"A clip of up to {settings.video_max_s:g} s gets new music: its scenes are found, each "
-                        "gets a caption, a mood and a prompt, and the music changes at the cuts, without a seam.")
+                        "gets a caption, a mood and a prompt, and the music changes at the cuts, without a seam. "
+                        "The music plays as it is made; the MP4 follows a few seconds after it ends.")
             with gr.Row(equal_height=False):
                 with gr.Column(scale=5, min_width=280):
                     ui.clip_in = gr.Video(label="Your clip", sources=["upload"], elem_id="clip-in", height=240)
@@ -1051,8 +1076,15 @@ def build_media_tab(ui: Layout, settings: Settings) -> None:
                     gr.Examples(examples=[[CLIP_EXAMPLE, 7, False]], inputs=[ui.clip_in, ui.clip_seed, ui.clip_keep],
                                 label="Or try an example clip")
                 with gr.Column(scale=7, min_width=280):
+                    ui.clip_music = _music_player("clip")
                     ui.clip_video, ui.clip_download, ui.clip_status = _made_video("clip", "Scored video")
             ui.clip_parts, ui.clip_songs = _parts_and_songs("clip", "scene", "clip")
+
+
+def _music_player(prefix: str) -> gr.Audio:
+    """The music of an album or clip, played while it is made (the MP4 comes a few seconds after its end)."""
+    return gr.Audio(label="Music, playing as it is made", streaming=True, autoplay=True, interactive=False,
+                    elem_id=f"{prefix}-music")
 
 
 def _made_video(prefix: str, label: str) -> tuple:
@@ -1132,10 +1164,12 @@ def wire(demo: gr.Blocks, ui: Layout, handlers: Handlers, api: dict, settings: S
                                                   ui.share_caption, ui.caption],
                            [ui.share_video, ui.share_download, ui.share_status], **video, **private)
         ui.album_btn.click(handlers.album, [ui.album_files, ui.album_duration, ui.album_seed, ui.album_square],
-                           [ui.album_video, ui.album_download, ui.album_status, ui.album_parts, ui.album_songs],
+                           [ui.album_music, ui.album_video, ui.album_download, ui.album_status, ui.album_parts,
+                            ui.album_songs],
                            **video, **private)
         ui.clip_btn.click(handlers.video_soundtrack, [ui.clip_in, ui.clip_seed, ui.clip_keep],
-                          [ui.clip_video, ui.clip_download, ui.clip_status, ui.clip_parts, ui.clip_songs],
+                          [ui.clip_music, ui.clip_video, ui.clip_download, ui.clip_status, ui.clip_parts,
+                           ui.clip_songs],
                           **video, **private)
         ui.timer.tick(handlers.status, None, [ui.footer, ui.timer, ui.offline_banner], **instant)
         demo.load(handlers.status, None, [ui.footer, ui.timer, ui.offline_banner], **instant)

@@ -13,6 +13,7 @@ import time
 import uuid
 import wave
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -95,6 +96,11 @@ def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
         handle.setframerate(sample_rate)
         handle.writeframes(pcm.tobytes())
     return buffer.getvalue()
+
+
+def joined_wav_bytes(chunks: Sequence[np.ndarray], sample_rate: int) -> bytes:
+    """Consecutive chunks as one WAV: what a player is sent when it fell a few chunks behind the music."""
+    return wav_bytes(np.concatenate(list(chunks)), sample_rate)
 
 
 def read_wav(path: Path, sample_rate: int) -> np.ndarray:

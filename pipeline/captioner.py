@@ -38,6 +38,10 @@ class Captioner:
             # (AMX / AVX-512 BF16) beat int8 by 2.5x; without them it is quantized like the rest
             model.vision_model = _BFloat16Vision(vision) if bf16_vision else \
                 torch.ao.quantization.quantize_dynamic(vision, {torch.nn.Linear}, dtype=torch.qint8)
+        if int8 and device == "cpu":
+            for module in model.modules():
+                if type(module) is _DynamicLinear:
+                    module.__class__ = _PerImageLinear
         self._model = model.to(device)
         if int8 and device == "cpu":
             # the fp32 weights were read once for conversion: hand their mapped pages back
@@ -52,8 +56,14 @@ class Captioner:
 
     def caption(self, images: Sequence[Image.Image], prefix: str | None = None,
                 max_new_tokens: int = MAX_NEW_TOKENS, min_new_tokens: int | None = None) -> list[str]:
+        """One caption per image, each the one the image gets on its own: several images share one batched
+        `generate` (an album's photos, a clip's scenes) only where the batch cannot change a result — int8 text
+        decoder with per-image activation scales, bf16 or int8 vision; in fp32 the matrix products block
+        differently by batch size, so there the images go one at a time."""
         if not images:
             return []
+        if len(images) > 1 and not self.quantized:
+            return [self.caption([image], prefix, max_new_tokens, min_new_tokens)[0] for image in images]
         prefix = (prefix or "").strip() or None
         inputs = self._processor(images=list(images), text=[prefix] * len(images) if prefix else None,
                                  return_tensors="pt")
@@ -64,6 +74,20 @@ class Captioner:
                                        num_beams=1, do_sample=False, repetition_penalty=1.3)
         texts = self._processor.batch_decode(out, skip_special_tokens=True)
         return [_tidy(t) for t in texts]
+
+
+_DynamicLinear = torch.ao.nn.quantized.dynamic.Linear
+
+
+class _PerImageLinear(_DynamicLinear):
+    """Dynamic int8 Linear whose activations are quantized per batch row (one image's tokens): the stock one
+    takes one scale for the whole batch, so an image's caption would depend on the other images it is batched
+    with. The weights are still read once per row; the rest of the decoder runs batched."""
+
+    def forward(self, x):
+        if x.dim() < 3 or x.shape[0] == 1:
+            return super().forward(x)
+        return torch.cat([super(_PerImageLinear, self).forward(x[i:i + 1]) for i in range(x.shape[0])])
 
 
 class _BFloat16Vision(torch.nn.Module):

@@ -33,7 +33,7 @@ from .recommend import lyric_query
 from .settings import Settings
 from .validate import check_k
 
-__all__ = ["Analysis", "ComponentStatus", "Pipeline", "get_pipeline"]
+__all__ = ["Analysis", "ComponentStatus", "Description", "Pipeline", "get_pipeline"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,17 @@ class Analysis:
             "songs_fused": [s.to_dict() for s in self.songs_fused],
             "notes": list(self.notes), "timings": self.timings,
         }
+
+
+@dataclass(frozen=True)
+class Description:
+    """What a picture among several (an album's photo, a clip's scene) brings to their music: no song lists, which
+    the caller searches once for all the pictures together."""
+
+    caption: str
+    mood: MoodResult
+    prompt: MusicPrompt
+    notes: tuple[str, ...] = ()  # what the pictures' music could not take into account (no captioner)
 
 
 class _AnalysisCache:
@@ -292,6 +303,31 @@ class Pipeline:
         self._cache.put(key, result)
         return result
 
+    def describe(self, images: Sequence[ImageSource | LoadedImage]) -> list[Description]:
+        """Caption, mood and prompt for several pictures at once, each exactly what `analyze` gives it: the
+        captioner and the mood encoder take them as one batch where that cannot change a result (see
+        `Captioner.caption`, `ClipImageEncoder.embed`), and no song list is searched per picture."""
+        if not images:
+            return []
+        self._await(MOOD, CAPTION)
+        return self._compute.run(self._describe, list(images))
+
+    def _describe(self, images: list) -> list[Description]:
+        loaded = [self._image(image) for image in images]
+        pictures = [item.image for item in loaded]
+        encoder, predictor = self._get(MOOD)
+        # the FastMLP head is fp32 (batch-size dependent in the last bits) and costs nothing: one picture a call
+        moods = [predictor.predict(row[None], [picture])[0]
+                 for row, picture in zip(encoder.embed(pictures), pictures)]
+        notes: list[str] = []
+        try:
+            captions = self._get(CAPTION).caption(pictures)
+        except (ComponentUnavailable, ComponentLoading) as exc:
+            notes.append(f"{exc} The music follows the pictures' mood alone.")
+            captions = [""] * len(pictures)
+        return [Description(caption, mood, self.prompt(caption, mood), tuple(notes))
+                for caption, mood in zip(captions, moods)]
+
     def songs_for_text(self, caption: str, mood: MoodResult, k: int = 10,
                        filters=None) -> tuple[list, list, list, list[str]]:
         """The three song lists for an edited caption ("regenerate from my text") or changed filters."""
@@ -337,6 +373,12 @@ class Pipeline:
         duration = limits.high if endless else self.settings.default_duration_s if duration_s is None else duration_s
         request = MusicRequest.checked(text, duration, seed, Sampling.checked(**sampling), limits)
         return request.replace(continue_from=earlier), truncated
+
+    def music_seconds(self, seconds: float) -> float:
+        """How long music asked for `seconds` lasts: the model makes whole frames (50 a second for MusicGen), so
+        an album's pictures can be timed to the music before it is made."""
+        generator = self._get(MUSIC)
+        return generator.n_frames(float(seconds)) / generator.frame_rate
 
     def music_ticket(self, client: str) -> Ticket:
         """A place in the fair line for music (`fairness.py`): hold it in a `with` block around the generation;
@@ -437,25 +479,27 @@ class Pipeline:
                                  progress=progress, cancel=cancel)
 
     def album(self, images: Sequence[ImageSource], duration_s, seed=0, *, square: bool = False,
-              client: str = "local", progress=None, cancel: threading.Event | None = None):
+              client: str = "local", progress=None, cancel: threading.Event | None = None, listen=None):
         """2–10 photos → a slideshow whose music follows each photo's prompt, moving on at each photo's turn
         without a cut (`soundtrack.Soundtrack`: the MP4, each photo's caption and prompt, songs for the whole
-        album). The music waits in the fair line as `client`; `progress(fraction, message)`."""
+        album). The music waits in the fair line as `client`; `progress(fraction, message)`; `listen(samples,
+        rate)` hears the music while it is made, before the MP4 is finished."""
         from . import soundtrack
 
         self._prune_audio()
         return soundtrack.album(self, images, duration_s, seed, square=square, client=client, progress=progress,
-                                cancel=cancel)
+                                cancel=cancel, listen=listen)
 
     def video_soundtrack(self, video, seed=0, keep_original_audio: bool = False, *, client: str = "local",
-                         progress=None, cancel: threading.Event | None = None):
+                         progress=None, cancel: threading.Event | None = None, listen=None):
         """A clip (a path) with new music that changes at its scene cuts (`soundtrack.Soundtrack`); its own
-        sound dropped or kept under the music. Refuses unusable clips with a message the visitor can act on."""
+        sound dropped or kept under the music; `listen` as for `album`. Refuses unusable clips with a message the
+        visitor can act on."""
         from . import soundtrack
 
         self._prune_audio()
         return soundtrack.video_soundtrack(self, video, seed, keep_original_audio, client=client,
-                                           progress=progress, cancel=cancel)
+                                           progress=progress, cancel=cancel, listen=listen)
 
     def _prune_audio(self) -> None:
         from .storage import prune_folder

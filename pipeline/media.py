@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import shutil
 import subprocess
@@ -39,8 +40,9 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AudioSource", "MediaError", "MediaInfo", "Rendered", "Scene", "VideoLimits", "check_album",
-           "even_boundaries", "photo_name", "photo_video", "probe", "scenes", "score_video", "slideshow"]
+__all__ = ["Assembly", "AudioSource", "MediaError", "MediaInfo", "Rendered", "Scene", "VideoLimits", "check_album",
+           "even_boundaries", "photo_name", "photo_video", "probe", "scenes", "score_video", "slideshow",
+           "start_scored_video", "start_slideshow"]
 
 Progress = Callable[[float], None]
 # A WAV (or any file libsndfile reads) or float samples with their rate: (samples, sample_rate).
@@ -57,6 +59,8 @@ MAX_ANALYSIS_SAMPLES = 600  # longer clips are sampled more sparsely, so analysi
 ORIGINAL_UNDER_DB = -12.0  # a kept original soundtrack sits this far under the music
 ZOOM_HEADROOM = 2  # photos are prepared at this multiple of the output size, so pan/zoom steps are sub-pixel
 RUN_TIMEOUT_S = 900.0  # no single ffmpeg run may hang the request forever
+# niceness of a picture encoded while its music is made: the music streams to a listener and must not stall
+BACKGROUND_NICE = 10
 
 # Demuxers a visitor's file may be opened with: the containers phones and cameras write, and common audio
 # containers (only so that an audio file is recognised and refused with a clear message).
@@ -146,57 +150,103 @@ def _short(text: str) -> str:
     return lines[-1][:200] if lines else "no details"
 
 
-def _run(args: list[str], *, cwd: Path, duration_s: float, what: str, progress: Progress | None = None,
-         cancel: threading.Event | None = None) -> None:
-    """Run ffmpeg, reporting progress (0..1) from its `-progress` output and stopping it when `cancel` is set.
-    The callback is called on the caller's thread; stderr goes to a file so a chatty run can never block."""
-    if cancel is not None and cancel.is_set():
-        raise Cancelled()
-    command = [_tool("ffmpeg"), "-hide_banner", "-nostdin", "-y", "-v", "error", "-nostats",
-               "-progress", "pipe:1", "-stats_period", "0.2", *args]
-    done = [0.0]
+class _Job:
+    """One ffmpeg run, started at once and waited for later (`wait`), so that it can work while the caller does
+    something else. Its progress comes from ffmpeg's `-progress` output; stderr goes to a file, so a chatty run can
+    never block. With `stdin=True` the caller writes the input through `write` and ends it with `close_input`."""
 
-    def read(stream):
-        for line in stream:
+    def __init__(self, args: list[str], *, cwd: Path, what: str, stdin: bool = False, nice: int = 0):
+        self.what = what
+        self.done_s = 0.0
+        command = [_tool("ffmpeg"), "-hide_banner", *([] if stdin else ["-nostdin"]), "-y", "-v", "error",
+                   "-nostats", "-progress", "pipe:1", "-stats_period", "0.2", *args]
+        self._errors = open(cwd / f"ffmpeg-{uuid.uuid4().hex[:8]}.log", "w+", encoding="utf-8", errors="replace")
+        self.process = subprocess.Popen(command, cwd=cwd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=self._errors)
+        if nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, self.process.pid, nice)
+            except OSError:  # not allowed here: it runs at the caller's priority
+                pass
+        self._deadline = time.monotonic() + RUN_TIMEOUT_S
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace")
             if line.startswith("out_time_us=") and line[12:].strip().lstrip("-").isdigit():
-                done[0] = max(0.0, int(line[12:]) / 1e6)
+                self.done_s = max(0.0, int(line[12:]) / 1e6)
 
-    errors = cwd / f"ffmpeg-{uuid.uuid4().hex[:8]}.log"
-    with open(errors, "w+", encoding="utf-8", errors="replace") as err:
-        process = subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                   text=True, encoding="utf-8", errors="replace")
-        reader = threading.Thread(target=read, args=(process.stdout,), daemon=True)
-        reader.start()
-        deadline = time.monotonic() + RUN_TIMEOUT_S
+    def write(self, data: bytes) -> bool:
+        """Input for a `stdin=True` run; False once ffmpeg has stopped reading (`wait` then says why)."""
+        try:
+            self.process.stdin.write(data)
+            return True
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+
+    def close_input(self) -> None:
+        try:
+            self.process.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+
+    def wait(self, *, duration_s: float, progress: Progress | None = None,
+             cancel: threading.Event | None = None) -> None:
+        """Until ffmpeg ends, reporting progress (0..1) on the caller's thread and stopping it when `cancel` is
+        set; a failed run raises MediaError with ffmpeg's last line."""
         shown = -1.0
         try:
             while True:
                 try:
-                    process.wait(timeout=0.1)
+                    self.process.wait(timeout=0.1)
                     break
                 except subprocess.TimeoutExpired:
                     pass
                 if cancel is not None and cancel.is_set():
                     raise Cancelled()
-                if time.monotonic() > deadline:
-                    raise MediaError(f"Making the {what} took longer than {RUN_TIMEOUT_S:.0f} s and was stopped.")
+                if time.monotonic() > self._deadline:
+                    raise MediaError(f"Making the {self.what} took longer than {RUN_TIMEOUT_S:.0f} s and was "
+                                     "stopped.")
                 if progress is not None and duration_s > 0:
-                    fraction = min(0.99, done[0] / duration_s)
+                    fraction = min(0.99, self.done_s / duration_s)
                     if fraction > shown:
                         shown = fraction
                         progress(fraction)
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            reader.join(timeout=5)
-        if process.returncode != 0:
-            err.seek(0)
-            details = err.read()
-            log.warning("ffmpeg failed (%s) making the %s: %s", process.returncode, what, details[-2000:])
-            raise MediaError(f"The {what} could not be made (ffmpeg: {_short(details)}).")
-    if progress is not None:
-        progress(1.0)
+            self.stop()
+        with self._errors:
+            self._errors.seek(0)
+            details = self._errors.read()
+        if self.process.returncode != 0:
+            log.warning("ffmpeg failed (%s) making the %s: %s", self.process.returncode, self.what,
+                        details[-2000:])
+            raise MediaError(f"The {self.what} could not be made (ffmpeg: {_short(details)}).")
+        if progress is not None:
+            progress(1.0)
+
+    def stop(self) -> None:
+        """Kill the run if it is still going (a cancelled or failed call); harmless once it has ended."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(timeout=5)
+        if self.process.stdin is not None:
+            self.close_input()
+
+    def discard(self) -> None:
+        """Stop the run and let go of its files (the caller's work folder is about to be removed)."""
+        self.stop()
+        self._errors.close()
+
+
+def _run(args: list[str], *, cwd: Path, duration_s: float, what: str, progress: Progress | None = None,
+         cancel: threading.Event | None = None) -> None:
+    """Run ffmpeg to the end (see `_Job`)."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()
+    _Job(args, cwd=cwd, what=what).wait(duration_s=duration_s, progress=progress, cancel=cancel)
 
 
 def _capture(args: list[str], *, timeout: float = 60.0) -> bytes | None:
@@ -337,12 +387,20 @@ def probe(path: str | os.PathLike, *, limits: VideoLimits = VideoLimits(), requi
                      audio_codec=audio.get("codec_name") if audio else None, rotation=rotation)
     if check_decode:
         if _grab(info, 0.0, 16) is None:
-            raise InputError(f"{name} could not be decoded (video codec {codec}); the file is damaged or uses a "
-                             "variant this app cannot read. Convert it to H.264 MP4 and try again.")
+            raise InputError(_undecodable(info))
         if duration > 1.0 and _grab(info, duration - 1.0, 16) is None:
-            raise InputError(f"{name} ends early: it declares {duration:.1f} s but its end cannot be decoded. The "
-                             "file is probably truncated; upload it again.")
+            raise InputError(_ends_early(info))
     return info
+
+
+def _undecodable(info: MediaInfo) -> str:
+    return (f"{info.path.name} could not be decoded (video codec {info.video_codec}); the file is damaged or uses "
+            "a variant this app cannot read. Convert it to H.264 MP4 and try again.")
+
+
+def _ends_early(info: MediaInfo) -> str:
+    return (f"{info.path.name} ends early: it declares {info.duration_s:.1f} s but its end cannot be decoded. The "
+            "file is probably truncated; upload it again.")
 
 
 def _is_picture(path: Path) -> bool:
@@ -387,8 +445,8 @@ def _grab(info: MediaInfo, at_s: float, side: int) -> Image.Image | None:
 
 # -- audio ---------------------------------------------------------------------------------------------------------
 
-def _audio(audio: AudioSource, work: Path, max_seconds: float) -> tuple[Path, float]:
-    """A path ffmpeg can read and its length in seconds; samples are written to a float WAV in `work`."""
+def _music_length(audio: AudioSource, max_seconds: float) -> float:
+    """The music's length in seconds; empty, invalid, unreadable or too long music is refused."""
     import soundfile as sf
 
     if isinstance(audio, tuple):
@@ -398,8 +456,6 @@ def _audio(audio: AudioSource, work: Path, max_seconds: float) -> tuple[Path, fl
             raise InputError("The music is empty.")
         if not np.all(np.isfinite(samples)):
             raise InputError("The music contains invalid samples (NaN or infinity).")
-        path = work / "music.wav"
-        sf.write(path, samples, int(rate), subtype="FLOAT")
         duration = samples.shape[0] / int(rate)
     else:
         path = Path(audio)
@@ -413,6 +469,19 @@ def _audio(audio: AudioSource, work: Path, max_seconds: float) -> tuple[Path, fl
         duration = facts.frames / facts.samplerate
     if duration > max_seconds:
         raise InputError(f"The music is {duration:.1f} s long; the limit for a video is {max_seconds:g} s.")
+    return duration
+
+
+def _audio(audio: AudioSource, work: Path, max_seconds: float) -> tuple[Path, float]:
+    """A path ffmpeg can read and its length in seconds; samples are written to a float WAV in `work`."""
+    import soundfile as sf
+
+    duration = _music_length(audio, max_seconds)
+    if not isinstance(audio, tuple):
+        return Path(audio), duration
+    samples, rate = audio
+    path = work / "music.wav"
+    sf.write(path, np.asarray(samples, dtype=np.float32), int(rate), subtype="FLOAT")
     return path, duration
 
 
@@ -421,9 +490,10 @@ def _audio_args() -> list[str]:
     return ["-c:a", "aac", "-b:a", "192k", "-ar", "48000", "-ac", "2"]
 
 
-def _video_args() -> list[str]:
+def _video_args(faststart: bool = True) -> list[str]:
+    # a picture made to be joined to its music later skips +faststart: the join moves the index once, for both
     return ["-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p", "-profile:v", "high",
-            "-movflags", "+faststart", "-map_metadata", "-1", "-map_chapters", "-1"]
+            *(["-movflags", "+faststart"] if faststart else []), "-map_metadata", "-1", "-map_chapters", "-1"]
 
 
 # -- photos --------------------------------------------------------------------------------------------------------
@@ -608,35 +678,145 @@ def photo_name(source, number: int) -> str:
     return f"photo {number}"
 
 
-def slideshow(images: Sequence[ImageSource], boundaries_s: Sequence[float], audio: AudioSource,
-              out_dir: str | os.PathLike, *, square: bool = False, limits: VideoLimits = VideoLimits(),
-              progress: Progress | None = None, cancel: threading.Event | None = None) -> Rendered:
-    """2–10 photos, photo k shown from `boundaries_s[k-1]` (0 for the first) to `boundaries_s[k]` (the music's end
-    for the last), each with its own gentle move, crossfading into the next centred on the boundary — where the
-    music changes prompt — under one audio track; the video lasts the music's length within one frame.
+class Assembly:
+    """A video put together while its music is still being made (`start_slideshow`, `start_scored_video`).
 
-    The frame takes the first photo's aspect ratio (or square); photos of another shape are shown whole over a
-    blurred copy of themselves. A photo that cannot be read is named in the message."""
-    with _Workspace(out_dir, "album") as work:
-        audio_path, duration = _audio(audio, work.dir, limits.max_seconds)
-        bounds = check_album(images, boundaries_s, duration)
-        photos = []
-        for number, source in enumerate(images, 1):
-            try:
-                photos.append(_load_photo(source, limits))
-            except InputError as exc:
-                raise InputError(f"The album's {photo_name(source, number)} cannot be used: {exc}") from None
+    The picture is encoded from the start, in the background and below the music's priority (a clip whose picture
+    can be copied needs nothing); the music is encoded to AAC as it arrives (`add_music`, any number of chunks, or
+    `use_music_file`); `finish` waits for both and joins them without re-encoding either, so what is left after
+    the music's last chunk is the end of the AAC encode and a stream copy. Leaving the `with` block stops whatever
+    still runs and removes the temporary files."""
+
+    def __init__(self, out_dir: str | os.PathLike, stem: str, duration_s: float, what: str, limits: VideoLimits):
+        self.duration_s, self.what, self.limits = duration_s, what, limits
+        self.notes: list[str] = []
+        self._workspace = _Workspace(out_dir, stem)
+        self.dir = self._workspace.__enter__().dir
+        self._picture: _Job | None = None
+        self._picture_input: list[str] = ["-i", "picture.mp4"]
+        self._music_graph = "[{m}:a]anull[a]"
+        self._music_inputs: list[str] = []
+        self._audio: _Job | None = None
+        self._feed: queue.Queue | None = None
+        self._feeder: threading.Thread | None = None
+        self._music_format: tuple[int, int] | None = None
+        self._jobs: list[_Job] = []
+
+    def __enter__(self) -> "Assembly":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._feed is not None:
+            self._feed.put(None)
+        for job in self._jobs:
+            job.discard()
+        if self._feeder is not None:
+            self._feeder.join(timeout=5)
+        self._workspace.__exit__(None, None, None)
+
+    def _start_picture(self, args: list[str]) -> None:
+        # the music streams to a listener meanwhile: on a machine with few cores it must not wait for the encoder
+        self._picture = _Job([*args, "-an", "-sn", "-dn", "-t", f"{self.duration_s:.6f}", "picture.mp4"],
+                             cwd=self.dir, what=self.what, nice=BACKGROUND_NICE)
+        self._jobs.append(self._picture)
+
+    def _start_audio(self, music_input: list[str], stdin: bool) -> None:
+        graph = self._music_graph.format(m=self._music_inputs.count("-i"))  # the music follows those inputs
+        self._audio = _Job([*self._music_inputs, *music_input, "-filter_complex", graph, "-map", "[a]",
+                            "-t", f"{self.duration_s:.6f}", *_audio_args(), "-vn", "-sn", "-dn", "-f", "mp4",
+                            "music.mp4"], cwd=self.dir, what=self.what, stdin=stdin)
+        self._jobs.append(self._audio)
+
+    def add_music(self, samples: np.ndarray, rate: int) -> None:
+        """The next chunk of the music (float samples, mono or (n, channels)); it is encoded as it arrives, on a
+        thread of its own, so a slow encoder never holds up the caller."""
+        samples = np.ascontiguousarray(samples, dtype=np.float32)
+        if samples.size and not np.all(np.isfinite(samples)):
+            raise InputError("The music contains invalid samples (NaN or infinity).")
+        channels = 1 if samples.ndim == 1 else samples.shape[1]
+        if self._audio is None:
+            if int(rate) <= 0:
+                raise InputError("The music is empty.")
+            self._music_format = (int(rate), channels)
+            self._start_audio(["-f", "f32le", "-ar", str(int(rate)), "-ac", str(channels), "-i", "pipe:0"],
+                              stdin=True)
+            self._feed = queue.Queue()
+            self._feeder = threading.Thread(target=self._write_music, args=(self._audio, self._feed), daemon=True,
+                                            name="music-encoder-feed")
+            self._feeder.start()
+        elif self._music_format != (int(rate), channels):
+            raise ValueError(f"the music changed format mid-way: {self._music_format} → {(int(rate), channels)}")
+        if samples.size:
+            self._feed.put(samples.tobytes())
+
+    @staticmethod
+    def _write_music(job: _Job, feed: queue.Queue) -> None:
+        while True:
+            data = feed.get()
+            if data is None:
+                job.close_input()
+                return
+            if not job.write(data):  # ffmpeg stopped; `finish` reports why, or the call was cancelled
+                job.close_input()
+                return
+
+    def use_music_file(self, audio: AudioSource) -> None:
+        """All the music at once: a file (WAV, FLAC, OGG, MP3) or (samples, rate)."""
+        if isinstance(audio, tuple):
+            self.add_music(*audio)
+            return
+        self._start_audio(["-i", f"file:{Path(audio).resolve()}"], stdin=False)
+
+    def finish(self, progress: Progress | None = None, cancel: threading.Event | None = None) -> Rendered:
+        """Wait for the picture and the music, then join them into the finished MP4."""
+        if self._audio is None:
+            raise InputError("The music is empty.")
+        if self._feed is not None:
+            self._feed.put(None)
+        share = 0.85 if self._picture is not None else 0.5
+        if self._picture is not None:
+            self._picture.wait(duration_s=self.duration_s, cancel=cancel,
+                               progress=(lambda done: progress(share * done)) if progress else None)
+        self._audio.wait(duration_s=self.duration_s, cancel=cancel,
+                         progress=(lambda done: progress(share * done)) if progress and not self._picture else None)
+        made = self.dir / "out.mp4"
+        _run([*self._picture_input, "-i", "music.mp4", "-map", "0:v:0", "-map", "1:a:0", "-c", "copy",
+              "-t", f"{self.duration_s:.6f}", "-movflags", "+faststart", "-map_metadata", "-1",
+              "-map_chapters", "-1", "-sn", "-dn", "out.mp4"],
+             cwd=self.dir, duration_s=self.duration_s, what=self.what, cancel=cancel,
+             progress=(lambda done: progress(share + (1 - share) * done)) if progress else None)
+        final = self._workspace.publish(made)
+        return Rendered(final, probe(final, check_decode=False, limits=_own(self.limits)), tuple(self.notes))
+
+
+def start_slideshow(images: Sequence[ImageSource], boundaries_s: Sequence[float], duration_s: float,
+                    out_dir: str | os.PathLike, *, square: bool = False,
+                    limits: VideoLimits = VideoLimits()) -> Assembly:
+    """The picture of a slideshow (see `slideshow`) starts encoding now; the music is added to the returned
+    Assembly as it is made. Bad photos and change times are refused here, before any music."""
+    bounds = check_album(images, boundaries_s, duration_s)
+    photos = []
+    for number, source in enumerate(images, 1):
+        try:
+            photos.append(_load_photo(source, limits))
+        except InputError as exc:
+            raise InputError(f"The album's {photo_name(source, number)} cannot be used: {exc}") from None
+    assembly = Assembly(out_dir, "album", duration_s, "slideshow", limits)
+    try:
         first = photos[0]
         width, height = _output_size(first.width / first.height, limits.output_side,
                                      max(max(p.size) for p in photos), square)
-        total = max(len(photos), round(duration * FPS))
+        total = max(len(photos), round(duration_s * FPS))
         edges = [0, *(round(b * FPS) for b in bounds), total]
         shortest = min(b - a for a, b in zip(edges, edges[1:]))
         # even, so half of it falls on each side of the boundary; MIN_SLIDE_S keeps it at 8 frames or more
         fade = max(2, min(round(MAX_CROSSFADE_S * FPS), int(shortest * 0.4)) // 2 * 2)
         inputs, chains = [], []
         for k, photo in enumerate(photos):
-            _save_canvas(_canvas(photo, width, height), work.dir / f"photo{k}.jpg")
+            _save_canvas(_canvas(photo, width, height), assembly.dir / f"photo{k}.jpg")
             start = edges[k] - (fade // 2 if k else 0)
             end = edges[k + 1] + (fade // 2 if k < len(photos) - 1 else 0)
             inputs += ["-i", f"photo{k}.jpg"]
@@ -647,18 +827,69 @@ def slideshow(images: Sequence[ImageSource], boundaries_s: Sequence[float], audi
             chains.append(f"[{label}][s{k}]xfade=transition=fade:duration={fade / FPS:.4f}"
                           f":offset={offset:.4f}[x{k}]")
             label = f"x{k}"
-        made = work.dir / "out.mp4"
-        _run([*inputs, "-i", f"file:{audio_path.resolve()}", "-filter_complex", ";".join(chains),
-              "-map", f"[{label}]", "-map", f"{len(photos)}:a:0",
-              "-t", f"{duration:.6f}", *_video_args(), "-tune", "stillimage", *_audio_args(), "out.mp4"],
-             cwd=work.dir, duration_s=duration, what="slideshow", progress=progress, cancel=cancel)
-        final = work.publish(made)
-    return Rendered(final, probe(final, check_decode=False, limits=_own(limits)))
+        assembly._start_picture([*inputs, "-filter_complex", ";".join(chains), "-map", f"[{label}]",
+                                 *_video_args(faststart=False), "-tune", "stillimage"])
+    except BaseException:
+        assembly.close()
+        raise
+    return assembly
+
+
+def slideshow(images: Sequence[ImageSource], boundaries_s: Sequence[float], audio: AudioSource,
+              out_dir: str | os.PathLike, *, square: bool = False, limits: VideoLimits = VideoLimits(),
+              progress: Progress | None = None, cancel: threading.Event | None = None) -> Rendered:
+    """2–10 photos, photo k shown from `boundaries_s[k-1]` (0 for the first) to `boundaries_s[k]` (the music's end
+    for the last), each with its own gentle move, crossfading into the next centred on the boundary — where the
+    music changes prompt — under one audio track; the video lasts the music's length within one frame.
+
+    The frame takes the first photo's aspect ratio (or square); photos of another shape are shown whole over a
+    blurred copy of themselves. A photo that cannot be read is named in the message."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()
+    duration = _music_length(audio, limits.max_seconds)
+    with start_slideshow(images, boundaries_s, duration, out_dir, square=square, limits=limits) as assembly:
+        assembly.use_music_file(audio)
+        return assembly.finish(progress, cancel)
 
 
 def _own(limits: VideoLimits) -> VideoLimits:
     """Limits for re-reading a file this module made (it may be as long as the music allowed)."""
     return dataclasses.replace(limits, max_seconds=max(limits.max_seconds, 1.0) + 1.0)
+
+
+def start_scored_video(info: MediaInfo, out_dir: str | os.PathLike, *, keep_original_audio: bool,
+                       limits: VideoLimits = VideoLimits()) -> Assembly:
+    """A clip's new soundtrack (see `score_video`), assembled while its music is made: a picture that needs
+    re-encoding starts now; the music is added to the returned Assembly as it is made."""
+    assembly = Assembly(out_dir, "scored", info.duration_s, "scored video", limits)
+    try:
+        length = info.duration_s
+        fade = min(1.0, length / 10)
+        music = (f"[{{m}}:a]aresample=48000,aformat=channel_layouts=stereo,apad=whole_dur={length:.6f},"
+                 f"atrim=end={length:.6f},afade=t=out:st={length - fade:.6f}:d={fade:.6f}")
+        if keep_original_audio and info.has_audio:
+            assembly._music_inputs = _input(info.path)
+            assembly._music_graph = (
+                f"{music}[m];[0:a:0]aresample=48000,aformat=channel_layouts=stereo,"
+                f"volume={ORIGINAL_UNDER_DB}dB,apad=whole_dur={length:.6f},atrim=end={length:.6f}[o];"
+                "[m][o]amix=inputs=2:duration=first:normalize=0,alimiter=limit=0.97:level=0:latency=1[a]")
+        else:
+            assembly._music_graph = f"{music}[a]"
+            if keep_original_audio:
+                assembly.notes.append("The clip has no sound of its own; the video carries the music only.")
+        box = _clip_box(info.width, info.height, limits.output_side)
+        if info.video_codec == "h264" and info.pix_fmt == "yuv420p" and box == (info.width, info.height):
+            assembly._picture_input = _input(info.path)  # copied untouched by the final join
+        else:
+            width, height = _even(box[0]), _even(box[1])  # yuv420p needs even sides
+            assembly._start_picture([*_input(info.path), "-map", "0:v:0",
+                                     "-vf", f"scale={width}:{height},setsar=1,format=yuv420p",
+                                     *_video_args(faststart=False), "-fpsmax", "60"])
+            assembly.notes.append(f"The picture was re-encoded to H.264 {width}×{height}.")
+    except BaseException:
+        assembly.close()
+        raise
+    return assembly
 
 
 def score_video(video: str | os.PathLike | MediaInfo, audio: AudioSource, out_dir: str | os.PathLike, *,
@@ -672,37 +903,12 @@ def score_video(video: str | os.PathLike | MediaInfo, audio: AudioSource, out_di
     resolution up to that box, whereas pictures made from photos stay within `output_side` on their long side.
     Metadata (a phone's GPS position, names) is never carried over."""
     info = video if isinstance(video, MediaInfo) else probe(video, limits=limits)
-    notes: list[str] = []
-    with _Workspace(out_dir, "scored") as work:
-        audio_path, _ = _audio(audio, work.dir, limits.max_seconds + 1.0)
-        length = info.duration_s
-        fade = min(1.0, length / 10)
-        music = (f"[1:a]aresample=48000,aformat=channel_layouts=stereo,apad=whole_dur={length:.6f},"
-                 f"atrim=end={length:.6f},afade=t=out:st={length - fade:.6f}:d={fade:.6f}")
-        if keep_original_audio and info.has_audio:
-            graph = (f"{music}[m];[0:a:0]aresample=48000,aformat=channel_layouts=stereo,"
-                     f"volume={ORIGINAL_UNDER_DB}dB,apad=whole_dur={length:.6f},atrim=end={length:.6f}[o];"
-                     "[m][o]amix=inputs=2:duration=first:normalize=0,alimiter=limit=0.97:level=0:latency=1[a]")
-        else:
-            graph = f"{music}[a]"
-            if keep_original_audio:
-                notes.append("The clip has no sound of its own; the video carries the music only.")
-        box = _clip_box(info.width, info.height, limits.output_side)
-        copy = info.video_codec == "h264" and info.pix_fmt == "yuv420p" and box == (info.width, info.height)
-        if copy:
-            picture = ["-c:v", "copy", "-movflags", "+faststart", "-map_metadata", "-1", "-map_chapters", "-1"]
-        else:
-            width, height = _even(box[0]), _even(box[1])  # yuv420p needs even sides
-            graph += f";[0:v:0]scale={width}:{height},setsar=1,format=yuv420p[v]"
-            picture = [*_video_args(), "-fpsmax", "60"]
-            notes.append(f"The picture was re-encoded to H.264 {width}×{height}.")
-        made = work.dir / "out.mp4"
-        _run([*_input(info.path), "-i", f"file:{audio_path.resolve()}", "-filter_complex", graph,
-              "-map", "0:v:0" if copy else "[v]", "-map", "[a]", "-t", f"{length:.6f}", *picture,
-              *_audio_args(), "-sn", "-dn", "out.mp4"],
-             cwd=work.dir, duration_s=length, what="scored video", progress=progress, cancel=cancel)
-        final = work.publish(made)
-    return Rendered(final, probe(final, check_decode=False, limits=_own(limits)), tuple(notes))
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()
+    _music_length(audio, limits.max_seconds + 1.0)
+    with start_scored_video(info, out_dir, keep_original_audio=keep_original_audio, limits=limits) as assembly:
+        assembly.use_music_file(audio)
+        return assembly.finish(progress, cancel)
 
 
 # -- scenes --------------------------------------------------------------------------------------------------------
@@ -759,7 +965,10 @@ def _cut_scores(info: MediaInfo, rate: float, progress: Progress | None,
             process.kill()
         process.wait()
     if previous is None:
-        raise InputError(f"No frame of {info.path.name} could be decoded; the file is damaged.")
+        raise InputError(_undecodable(info))
+    # the same test as probe's check_decode: the picture must decode until a second before its declared end
+    if info.duration_s > 1.0 and (len(scores) + 1) / rate < info.duration_s - 1.0:
+        raise InputError(_ends_early(info))
     return np.asarray(scores, dtype=np.float32), 1.0 / rate
 
 
@@ -771,7 +980,7 @@ def scenes(video: str | os.PathLike | MediaInfo, *, max_scenes: int = 8, analysi
     cuts go until at most `max_scenes` remain. Each scene carries a frame from its middle for captioning."""
     if max_scenes < 1:
         raise InputError("max_scenes must be at least 1.")
-    info = video if isinstance(video, MediaInfo) else probe(video, limits=limits)
+    info = video if isinstance(video, MediaInfo) else probe(video, limits=limits, check_decode=False)
     rate = min(ANALYSIS_FPS, MAX_ANALYSIS_SAMPLES / max(info.duration_s, 1e-3))
     scores, step = _cut_scores(info, rate, progress, cancel)
     padded = np.concatenate([[0.0], scores, [0.0]])

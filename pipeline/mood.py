@@ -154,13 +154,21 @@ class ClipImageEncoder:
         self.dimension = int(self._projection.out_features)
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """(n, 512) L2-normalised image embeddings."""
+        """(n, 512) L2-normalised image embeddings, each exactly the one the image gets on its own."""
         import torch
 
         pixels = self._processor(images=list(images), return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(self.device, self._dtype)
         with self._lock, torch.inference_mode():
-            pooled = self._vision(pixel_values=pixels.to(self.device, self._dtype)).pooler_output
-            embedded = self._projection(pooled.to(self._projection.weight.dtype))
+            # bf16 products on the CPU give each image the same result whatever the batch; fp32 ones block
+            # differently by batch size and would move the last bits, so there the images go one at a time
+            if self.device == "cpu" and self._dtype == torch.bfloat16:
+                pooled = self._vision(pixel_values=pixels).pooler_output
+            else:
+                pooled = torch.cat([self._vision(pixel_values=one[None]).pooler_output for one in pixels])
+            pooled = pooled.to(self._projection.weight.dtype)
+            # the fp32 projection too, row by row (a 768 × 512 product each: nothing to gain from batching it)
+            embedded = torch.cat([self._projection(row[None]) for row in pooled])
         return torch.nn.functional.normalize(embedded.float(), dim=-1).cpu().numpy()
 
 

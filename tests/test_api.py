@@ -360,3 +360,31 @@ def test_background_work_reports_returns_and_raises_on_the_handlers_thread():
     with Background(endless) as job:  # the handler leaves early, as when Gradio closes it for a gone visitor
         next(iter(job))
     assert started.is_set() and stopped.wait(5)
+
+
+def test_background_work_hands_over_every_chunk_of_music_it_heard():
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from app import Background
+
+    def work(*, progress, cancel, listen):
+        for k in range(5):  # bursts: several chunks may arrive between two looks
+            listen(np.full(100, k / 10, np.float32), 8000)
+            progress((k + 1) / 5, f"chunk {k + 1}")
+        return "made"
+
+    heard = []
+    with Background(work, music=True) as job:
+        for _ in job:
+            wav = job.take_music()
+            if wav is not None:
+                heard.append(sf.read(io.BytesIO(wav), dtype="float32")[0])
+    wav = job.take_music()
+    if wav is not None:
+        heard.append(sf.read(io.BytesIO(wav), dtype="float32")[0])
+    music = np.concatenate(heard)
+    assert job.result == "made" and music.shape == (500,)
+    assert np.allclose(music[::100], [0.0, 0.1, 0.2, 0.3, 0.4], atol=1e-4)

@@ -238,6 +238,13 @@ def _fits_the_window(page, width: int) -> None:
     assert scroll <= width + 2, f"the page is {scroll}px wide in a {width}px window"
 
 
+def _music_plays_before_the_video(page, prefix: str) -> None:
+    """The music's player gets audio while the MP4 is still being made (no video in its player yet)."""
+    page.wait_for_function(
+        f"() => !!document.querySelector('#{prefix}-music audio') && "
+        f"!document.querySelector('#{prefix}-video video')", timeout=TIMEOUT_MS)
+
+
 def test_an_album_is_made_in_the_video_tab(browser, live_app, artifacts_dir):
     from playwright.sync_api import expect
 
@@ -248,7 +255,9 @@ def test_an_album_is_made_in_the_video_tab(browser, live_app, artifacts_dir):
     duration = page.locator("#album-duration input[type=number]")
     duration.fill("3")
     duration.press("Enter")
+    assert page.locator("#album-music audio").count() == 0
     page.locator("#album-btn").click()
+    _music_plays_before_the_video(page, "album")
     expect(page.locator("#album-status")).to_contain_text("✅", timeout=TIMEOUT_MS)
     video = page.locator("#album-video video")
     video.wait_for(timeout=TIMEOUT_MS)
@@ -278,7 +287,9 @@ def test_a_clip_is_uploaded_scored_and_downloaded(browser, live_app, artifacts_d
     _open_media_tab(page, live_app, "Score a video")
     page.locator("#clip-in input[type=file]").set_input_files(str(clip))
     page.locator("#clip-in video").wait_for(timeout=TIMEOUT_MS)
+    assert page.locator("#clip-music audio").count() == 0
     page.locator("#clip-btn").click()
+    _music_plays_before_the_video(page, "clip")
     expect(page.locator("#clip-status")).to_contain_text("✅", timeout=TIMEOUT_MS)
     page.locator("#clip-video video").wait_for(timeout=TIMEOUT_MS)
     # the cut at 2.5 s splits the music in two parts: one row each

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -398,3 +399,62 @@ def test_probe_reports_the_facts(inputs):
     assert info.duration_s == pytest.approx(10.0, abs=0.1)
     sound = media.probe(inputs["audio.m4a"], require_video=False)
     assert (sound.has_video, sound.has_audio, sound.audio_codec) == (False, True, "aac")
+
+
+# -- assembling while the music is made ----------------------------------------------------------------------------
+
+def chunks_of(path: Path, seconds: float = 0.5):
+    music, rate = sf.read(path, dtype="float32")
+    step = int(seconds * rate)
+    return [(music[at:at + step], rate) for at in range(0, len(music), step)]
+
+
+def test_a_clip_scored_with_music_arriving_in_chunks_is_the_same_video(inputs, tmp_path):
+    info = media.probe(inputs["cuts.mp4"])
+    with media.start_scored_video(info, tmp_path, keep_original_audio=False) as assembly:
+        for samples, rate in chunks_of(inputs["long-music.wav"]):
+            assembly.add_music(samples, rate)
+        made = assembly.finish()
+    video = assert_shareable(made.path, 10.0)
+    assert (video["width"], video["height"]) == (160, 90)
+    assert video_md5(made.path) == video_md5(inputs["cuts.mp4"])
+    sound = samples_of(made.path)
+    assert band_energy(sound, 16000, 220) > 1000 * band_energy(sound, 16000, 1000)
+    assert [p.name for p in tmp_path.iterdir()] == [made.path.name]  # no work folder left behind
+
+
+def test_a_slideshow_picture_is_encoded_before_its_music_arrives(inputs, tmp_path):
+    photos = [inputs["red.png"], inputs["green.png"], inputs["blue.png"]]
+    with media.start_slideshow(photos, [1.2, 2.2], 3.3, tmp_path) as assembly:
+        picture, deadline = assembly.dir / "picture.mp4", time.monotonic() + 60
+        while time.monotonic() < deadline:  # the picture gets finished with no music given yet
+            try:
+                made = facts(picture)
+                break
+            except subprocess.CalledProcessError:  # not written yet, or its index not yet
+                time.sleep(0.1)
+        assert made["video"] and not made["audio"]
+        for samples, rate in chunks_of(inputs["music.wav"], 0.3):
+            assembly.add_music(samples, rate)
+        made = assembly.finish()
+    assert_shareable(made.path, 3.3)
+    assert frame_at(made.path, 2.9).reshape(-1, 3).mean(axis=0).argmax() == 2
+
+
+def test_an_assembly_without_music_or_cancelled_leaves_nothing(inputs, tmp_path):
+    info = media.probe(inputs["mpeg4.avi"])  # re-encoded: a picture job is running when it is abandoned
+    with pytest.raises(InputError, match="The music is empty"):
+        with media.start_scored_video(info, tmp_path, keep_original_audio=True) as assembly:
+            assembly.finish()
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        with media.start_scored_video(info, tmp_path, keep_original_audio=True) as assembly:
+            assembly.add_music(*chunks_of(inputs["music.wav"])[0])
+            cancel.set()
+            assembly.finish(cancel=cancel)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scenes_refuse_a_truncated_clip_on_their_one_pass(inputs):
+    with pytest.raises(InputError, match="ends early"):
+        media.scenes(inputs["truncated.mp4"])

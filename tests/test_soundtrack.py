@@ -82,3 +82,46 @@ def test_cancelling_a_soundtrack_frees_the_music_line(pipeline, two_scenes):
     with pytest.raises(Cancelled):
         pipeline.video_soundtrack(two_scenes, 1, progress=stop_once_music_starts, cancel=cancel)
     assert pipeline.music_line == {"running": 0, "waiting": 0}
+
+
+def test_pictures_described_together_get_what_each_gets_alone(pipeline):
+    from PIL import Image
+
+    frames = [Image.open(path).convert("RGB") for path in PHOTOS]
+    together = pipeline.describe(frames)
+    for frame, described in zip(frames, together):
+        alone = pipeline.analyze(frame, k=3)
+        assert (described.caption, described.prompt.text) == (alone.caption, alone.prompt.text)
+        assert described.mood == alone.mood
+
+
+def test_the_music_is_heard_while_it_is_made_and_is_the_videos_soundtrack(pipeline):
+    import numpy as np
+
+    events = []
+
+    def listen(samples, rate):
+        events.append(("music", samples.copy(), rate))
+
+    def progress(fraction, message):
+        events.append(("progress", message, fraction))
+
+    made = pipeline.album(PHOTOS[:2], 3.0, 4, progress=progress, listen=listen)
+    heard = [e for e in events if e[0] == "music"]
+    rate = heard[0][2]
+    music = np.concatenate([e[1] for e in heard])
+    assert len(heard) > 1 and music.shape[0] == round(3.0 * rate)
+    # every chunk arrives before the video is put together
+    last_chunk = max(i for i, e in enumerate(events) if e[0] == "music")
+    first_video = min(i for i, e in enumerate(events) if e[0] == "progress" and "slideshow" in e[1])
+    assert last_chunk < first_video
+    import subprocess
+
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(made.video.path), "-map", "0:a:0", "-ac", "1",
+                          "-ar", str(rate), "-f", "f32le", "pipe:1"], check=True, capture_output=True).stdout
+    track = np.frombuffer(raw, np.float32)
+    mono = music if music.ndim == 1 else music.mean(axis=1)
+    n = min(track.shape[0], mono.shape[0]) - rate // 10
+    lags = range(-200, 201)
+    best = max(float(np.corrcoef(mono[500:n], track[500 + lag:n + lag])[0, 1]) for lag in lags)
+    assert best > 0.9, best
