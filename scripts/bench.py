@@ -88,6 +88,7 @@ def _percentile(values, q):
 def bench_music(args) -> dict:
     import torch
 
+    from pipeline.memory import serving_allocations
     from pipeline.music import MusicRequest, Sampling
     from pipeline.music.generator import MusicGenerator
     from pipeline.music.lm import FastMusicLM
@@ -139,6 +140,7 @@ def bench_music(args) -> dict:
                                    stream_chunk_s=settings.stream_chunk_s)
         del fast
         gc.collect()
+        serving_allocations()  # the allocator as the app has it once its models are loaded
         request = MusicRequest(prompt, args.seconds, seed=0)
         list(generator.stream(MusicRequest(prompt, 0.5, seed=0)))  # warm-up (kernel load, allocator)
 
@@ -216,6 +218,7 @@ def step_bytes(lm, rows: int, positions: float) -> int:
 
 def _real_size_generator(args, **options):
     """MusicGen-small's architecture (random weights) loaded as the app loads it, with the app's settings."""
+    from pipeline.memory import loading_allocations
     from pipeline.music.generator import MusicGenerator
     from pipeline.runtime import resolve_runtime
     from pipeline.settings import Settings
@@ -223,10 +226,12 @@ def _real_size_generator(args, **options):
 
     settings = Settings.from_env()
     weights = args.weights or resolve_runtime(settings.replace(device=args.device)).music_weights
-    return MusicGenerator.load(music_checkpoint(args.checkpoints), device=args.device, weights=weights,
-                               cache_dir=settings.cache_dir, native_kernels=settings.native_kernels,
-                               first_chunk_s=settings.first_chunk_s, stream_chunk_s=settings.stream_chunk_s,
-                               window_s=settings.music_window_s, extend_stride_s=settings.extend_stride_s, **options)
+    with loading_allocations():  # and serving_allocations() afterwards, as the app
+        return MusicGenerator.load(music_checkpoint(args.checkpoints), device=args.device, weights=weights,
+                                   cache_dir=settings.cache_dir, native_kernels=settings.native_kernels,
+                                   first_chunk_s=settings.first_chunk_s, stream_chunk_s=settings.stream_chunk_s,
+                                   window_s=settings.music_window_s, extend_stride_s=settings.extend_stride_s,
+                                   **options)
 
 
 def _served_generator(args, max_batch: int = 4):
