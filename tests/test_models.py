@@ -431,3 +431,33 @@ def test_the_fused_layers_agree_across_the_kernel_builds(tileable_musicgen, cach
         cosine = torch.nn.functional.cosine_similarity(got.flatten().double(), expected.flatten().double(), dim=0)
         assert cosine > 0.9999, (flags, float(cosine), float((got - expected).abs().max()), float(expected.abs().max()))
         assert torch.allclose(got, expected, atol=0.02 * expected.abs().max().item()), flags
+
+
+def test_the_c_packer_picks_the_same_codes_as_the_pytorch_one(cache_dir, tmp_path):
+    """Packing runs in C where the kernel loads (25× faster than the PyTorch search, which took most of a load);
+    both must choose the same clip ratio, codes, scales and offsets, on every build of the kernel."""
+    import ctypes
+    import shutil
+
+    from pipeline.music import native as native_kernels
+
+    kernel = native_kernels.load_kernel(str(cache_dir))
+    if kernel is None or (shutil.which("cc") is None and shutil.which("gcc") is None):
+        pytest.skip("no native kernel here")
+    weight = torch.randn(64, 1024, generator=torch.Generator().manual_seed(6)) * 0.02
+    weight[0, :32] = 0.0  # a flat group: the smallest scale
+    weight[1, 5] = 3.0  # an outlier: the clip ratios matter
+    groups = weight.reshape(64, 32, 32)
+    kernels = [kernel]
+    for flags in (["-march=x86-64", "-mf16c"], ["-march=haswell"]):
+        target = tmp_path / f"pack{flags[0][7:]}.so"
+        native_kernels.compile_kernel(target, ["-O2", *flags])
+        kernels.append(native_kernels.LowBitKernel(ctypes.CDLL(str(target)), target))
+    for levels in (15, 31):
+        expected = native_kernels.quantize_groups(groups, levels)
+        for built in kernels:
+            got = built.quantize_groups(groups, levels)
+            for a, b in zip(got, expected):
+                assert torch.equal(a, b), (built.isa, levels)
+    packed = native_kernels.PackedLowBit(weight, bits=5, kernel=kernel)
+    assert torch.equal(packed.dequantized(), native_kernels.PackedLowBit(weight, bits=5).dequantized())

@@ -74,6 +74,21 @@ class LowBitKernel:
         self.threads = 0  # 0: OpenMP's default (PyTorch's thread count)
         library.i4_isa.restype = ctypes.c_int
         self.isa = {2: "avx512-vnni", 1: "avx2", 0: "scalar"}[library.i4_isa()]
+        self._quantize = library.quantize_groups
+        self._quantize.restype = ctypes.c_int
+        self._quantize.argtypes = [p, ctypes.c_long, i, p, i, p, p, p, i]
+
+    def quantize_groups(self, groups: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`quantize_groups` in C: (rows, groups, 32) fp32 → codes (uint8), fp16 scales and offsets, (rows,
+        groups, 1) each for the last two. The same clip-ratio search and arithmetic, a group at a time."""
+        groups = groups.detach().float().contiguous()
+        q = torch.empty(groups.shape, dtype=torch.uint8)
+        scale = torch.empty(groups.shape[:-1] + (1,), dtype=torch.float16)
+        offset = torch.empty_like(scale)
+        ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float32)
+        self._quantize(groups.data_ptr(), groups.numel() // GROUP, levels, ratios.data_ptr(), len(CLIP_RATIOS),
+                       q.data_ptr(), scale.data_ptr(), offset.data_ptr(), self.threads)
+        return q, scale, offset
 
     def linear(self, x: torch.Tensor, packed: "PackedLowBit") -> torch.Tensor:
         x = x.contiguous().float() if x.dtype != torch.float32 or not x.is_contiguous() else x
@@ -169,8 +184,9 @@ class FusedStack:
             raise MemoryError("the fused decoder layers could not allocate scratch memory")
 
 
-def _quantize_groups(groups: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per group of 32: the clip ratio (of the min-max range, around its middle) with the least squared error."""
+def quantize_groups(groups: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group of 32: the clip ratio (of the min-max range, around its middle) with the least squared error (the
+    PyTorch reference; `LowBitKernel.quantize_groups` does the same in C)."""
     best_q = best_scale = best_offset = best_error = None
     low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
     middle, half = (low + high) / 2, (high - low) / 2
@@ -197,13 +213,15 @@ class PackedLowBit:
 
     __slots__ = ("weight", "high_bits", "scale", "offset", "out_features", "in_features", "bits")
 
-    def __init__(self, weight: torch.Tensor, bits: int = 5):
+    def __init__(self, weight: torch.Tensor, bits: int = 5, kernel: "LowBitKernel | None" = None):
         n, k = weight.shape
         if k % SUPERBLOCK:
             raise ValueError(f"in_features {k} is not a multiple of {SUPERBLOCK}")
         if bits not in (4, 5):
             raise ValueError("bits must be 4 or 5")
-        q, scale, offset = _quantize_groups(weight.detach().float().reshape(n, k // GROUP, GROUP), 2 ** bits - 1)
+        # the kernel's C search when there is one (a MusicGen-small load: 26 s of PyTorch temporaries → ~1 s)
+        quantize = kernel.quantize_groups if kernel is not None else quantize_groups
+        q, scale, offset = quantize(weight.detach().float().reshape(n, k // GROUP, GROUP), 2 ** bits - 1)
         s = k // SUPERBLOCK
         # (n, superblocks, lane, block, 4) → (n, superblocks, block, lane, 4): block b holds 4 weights per lane
         blocks = q.reshape(n, s, 16, 8, 4).permute(0, 1, 3, 2, 4).reshape(n, s, 8, 64)

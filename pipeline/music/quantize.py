@@ -133,7 +133,7 @@ class NativeLowBitLinear(PackedLinear):
     def __init__(self, weight: torch.Tensor, bits: int, kernel):
         from .native import PackedLowBit
 
-        self.packed = PackedLowBit(weight, bits=bits)
+        self.packed = PackedLowBit(weight, bits=bits, kernel=kernel)
         self.kernel = kernel
 
     def __call__(self, x):
