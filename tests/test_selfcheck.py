@@ -42,8 +42,8 @@ def corrupted_kernel(monkeypatch):
 
     original = native.PackedLowBit.__init__
 
-    def packed_then_corrupted(self, weight, bits=5):
-        original(self, weight, bits=bits)
+    def packed_then_corrupted(self, weight, bits=5, kernel=None):
+        original(self, weight, bits=bits, kernel=kernel)
         self.weight = ((self.weight >> 4) | (self.weight << 4)).contiguous()
 
     monkeypatch.setattr(native.PackedLowBit, "__init__", packed_then_corrupted)
