@@ -223,8 +223,15 @@ class Pipeline:
 
     def mood(self, image: ImageSource | LoadedImage) -> MoodResult:
         loaded = self._image(image)
+        return self._compute.run(self._moods, [loaded.image])[0]
+
+    def _moods(self, pictures: list) -> list[MoodResult]:
+        """One mood per picture, each what the picture gets alone: the CLIP encoder batches only where that cannot
+        change a result (`ClipImageEncoder.embed`); the head is fp32 (batch-size dependent in the last bits) and
+        costs nothing, so it takes one picture a call."""
         encoder, predictor = self._get(MOOD)
-        return self._compute.run(lambda: predictor.predict(encoder.embed([loaded.image]), [loaded.image])[0])
+        return [predictor.predict(row[None], [picture])[0]
+                for row, picture in zip(encoder.embed(pictures), pictures)]
 
     def prompt(self, caption: str, mood: MoodResult, genre: str | None = None, extra: str | None = None) -> MusicPrompt:
         return build_prompt(caption, mood, genre=check_genre(genre), extra=extra, max_chars=self.settings.max_prompt_chars)
@@ -315,10 +322,7 @@ class Pipeline:
     def _describe(self, images: list) -> list[Description]:
         loaded = [self._image(image) for image in images]
         pictures = [item.image for item in loaded]
-        encoder, predictor = self._get(MOOD)
-        # the FastMLP head is fp32 (batch-size dependent in the last bits) and costs nothing: one picture a call
-        moods = [predictor.predict(row[None], [picture])[0]
-                 for row, picture in zip(encoder.embed(pictures), pictures)]
+        moods = self._moods(pictures)
         notes: list[str] = []
         try:
             captions = self._get(CAPTION).caption(pictures)

@@ -769,8 +769,7 @@ static void quantize_group(const float* g, int levels, const float* ratios, int 
             *offset_out = oh;
         }
     }
-    return;
-#endif
+#else
     for (int r = 0; r < n_ratios; r++) {
         float span = 2.f * half * ratios[r];
         span = span < 1e-8f ? 1e-8f : span;
@@ -793,6 +792,7 @@ static void quantize_group(const float* g, int levels, const float* ratios, int 
             *offset_out = oh;
         }
     }
+#endif
 }
 
 int quantize_groups(const float* w, long n_groups, int levels, const float* ratios, int n_ratios, uint8_t* q,
