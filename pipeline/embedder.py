@@ -7,6 +7,7 @@ fingerprint — the embeddings of fixed probe sentences — and `check_fingerpri
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +32,25 @@ class EmbedderInfo:
 
 
 class SentenceEmbedder:
-    def __init__(self, path: Path, model_id: str, revision: str, device: str = "cpu"):
-        from sentence_transformers import SentenceTransformer
+    """A sentence-transformers model folder run on `transformers` directly when it is the usual stack (a
+    Transformer, mean or CLS pooling, optionally L2 normalisation), which is what all-MiniLM-L6-v2 is:
+    importing sentence_transformers (and the scikit-learn and SciPy it pulls in) took ~3 of the embedder's ~3.4 s
+    at every start. Any other stack is handed to sentence_transformers itself. The fingerprint check against the
+    index manifest is what guarantees both give the vectors the catalog was built with."""
 
-        self._model = SentenceTransformer(str(path), device=device)
+    def __init__(self, path: Path, model_id: str, revision: str, device: str = "cpu"):
         self._lock = threading.Lock()  # the tokenizer is not safe to call from two threads at once
-        self.info = EmbedderInfo(model_id=model_id, revision=revision, path=str(path),
-                                 dimension=int(self._model.get_embedding_dimension()
-                                               if hasattr(self._model, "get_embedding_dimension")
-                                               else self._model.get_sentence_embedding_dimension()))
+        stack = _plain_stack(Path(path))
+        if stack is not None:
+            self._model = _TransformerPooling(Path(path), device, **stack)
+            dimension = self._model.dimension
+        else:
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(str(path), device=device)
+            dimension = (self._model.get_embedding_dimension() if hasattr(self._model, "get_embedding_dimension")
+                         else self._model.get_sentence_embedding_dimension())
+        self.info = EmbedderInfo(model_id=model_id, revision=revision, path=str(path), dimension=int(dimension))
 
     def encode(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
         """L2-normalised float32 embeddings, one row per text."""
@@ -50,6 +61,62 @@ class SentenceEmbedder:
 
     def fingerprint(self) -> list[list[float]]:
         return [[round(float(v), 6) for v in row] for row in self.encode(PROBE_SENTENCES)]
+
+
+def _plain_stack(path: Path) -> dict | None:
+    """The settings of a Transformer → Pooling (mean or CLS) → [Normalize] folder, or None for anything else."""
+    try:
+        modules = json.loads((path / "modules.json").read_text())
+        kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+        if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]) or modules[0]["path"]:
+            return None
+        config = json.loads((path / "sentence_bert_config.json").read_text())
+        pooling = json.loads((path / modules[1]["path"] / "config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    modes = {k for k, v in pooling.items() if k.startswith("pooling_mode") and v}
+    if modes not in ({"pooling_mode_mean_tokens"}, {"pooling_mode_cls_token"}) or config.get("do_lower_case"):
+        return None
+    return {"max_length": int(config.get("max_seq_length") or 512), "mean": modes == {"pooling_mode_mean_tokens"},
+            "normalize": len(kinds) == 3}
+
+
+class _TransformerPooling:
+    """What sentence_transformers computes for such a folder: token embeddings of the (truncated) text, pooled
+    over its real tokens, normalised."""
+
+    def __init__(self, path: Path, device: str, *, max_length: int, mean: bool, normalize: bool):
+        from transformers import AutoModel, AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self._model = AutoModel.from_pretrained(str(path)).to(device).eval()
+        self._device, self._max_length, self._mean, self._normalize = device, max_length, mean, normalize
+        self.dimension = int(self._model.config.hidden_size)
+
+    def encode(self, texts: list[str], batch_size: int = 64, normalize_embeddings: bool = True,
+               show_progress_bar: bool = False, **_) -> np.ndarray:
+        import torch
+        from tqdm.auto import tqdm
+
+        texts = [str(text).strip() for text in texts]
+        # longest first, as sentence_transformers batches: similar lengths pad less
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        for start in tqdm(range(0, len(order), batch_size), desc="Batches", disable=not show_progress_bar):
+            rows = order[start:start + batch_size]
+            batch = self._tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                                    max_length=self._max_length, return_tensors="pt").to(self._device)
+            with torch.inference_mode():
+                tokens = self._model(**batch).last_hidden_state
+            if self._mean:
+                mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+                pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            else:
+                pooled = tokens[:, 0]
+            if self._normalize or normalize_embeddings:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            out[rows] = pooled.float().cpu().numpy()
+        return out
 
 
 def encode_cached(embedder, texts: Sequence[str], cache_dir: Path, show_progress: bool = False) -> np.ndarray:

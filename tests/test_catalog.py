@@ -578,3 +578,31 @@ def test_a_feature_outside_its_range_is_a_placeholder_not_a_measurement():
     record = b.Record(title="t", artist="a", source="spotify_tracks",
                       features={"time_signature": 0.0, "tempo": 120.0, "loudness": -80.0})
     assert record.features == {"tempo": 120.0}
+
+
+def test_the_embedder_gives_what_sentence_transformers_gives(embedder):
+    # the app runs all-MiniLM-L6-v2 on transformers directly (no sentence_transformers import at start); the
+    # catalog was built, and is checked, against sentence_transformers' vectors
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["a couple holding hands at sunset", "  rain on the window  ", "", "la " * 400,
+             "dancing all night long under the city lights", "Ich vermisse dich jede Nacht"]
+    reference = SentenceTransformer(embedder.info.path, device="cpu").encode(
+        texts, batch_size=4, normalize_embeddings=True, convert_to_numpy=True)
+    ours = embedder.encode(texts, batch_size=4)
+    assert type(embedder._model).__module__ == "pipeline.embedder"  # the fast path, not the fallback
+    assert ours.shape == reference.shape == (len(texts), 384)
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_an_embedder_folder_of_another_kind_goes_to_sentence_transformers(embedder, tmp_path):
+    from pipeline.embedder import SentenceEmbedder
+
+    folder = tmp_path / "lower"
+    shutil.copytree(embedder.info.path, folder)
+    config = json.loads((folder / "sentence_bert_config.json").read_text())
+    (folder / "sentence_bert_config.json").write_text(json.dumps({**config, "do_lower_case": True}))
+    lowered = SentenceEmbedder(folder, "m", "r")
+    assert type(lowered._model).__name__ == "SentenceTransformer"  # lower-casing is not what the fast path does
+    np.testing.assert_allclose(lowered.encode(["RAIN ON THE WINDOW"]), embedder.encode(["rain on the window"]),
+                               atol=1e-5)
