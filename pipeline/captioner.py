@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from .memory import release_file_pages, trim
-from .runtime import fast_bf16
+from .runtime import build_model, fast_bf16
 
 MAX_NEW_TOKENS = 30
 
@@ -24,7 +24,7 @@ class Captioner:
 
         self.device = device
         processor = BlipProcessor.from_pretrained(path, image_processor=BlipImageProcessorPil.from_pretrained(path))
-        model = BlipForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32).eval()
+        model = build_model(BlipForConditionalGeneration.from_pretrained, path, dtype=dtype or torch.float32).eval()
         originals = [p.detach() for p in model.parameters()]  # the fp32 storages: .to() swaps Parameter data
         if int8 and device == "cpu":
             vision = model.vision_model

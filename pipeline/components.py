@@ -119,8 +119,15 @@ class Components:
             CAPTION: self._load_caption, MUSIC: self._load_music,
         }
         with loading_allocations():
+            # the music model beside the rest: with its packed weights cached, its load is mostly waiting on files
+            # and single-threaded Python, which the other core can overlap (models build one at a time: see
+            # `runtime.build_model`)
+            music = threading.Thread(target=self._load_one, args=(MUSIC, loaders[MUSIC]), name="music-loader")
+            music.start()
             for name in COMPONENTS:
-                self._load_one(name, loaders[name])
+                if name != MUSIC:
+                    self._load_one(name, loaders[name])
+            music.join()
 
     def _load_one(self, name: str, loader: Callable[[], tuple[object, str]]) -> None:
         slot = self._slots[name]
@@ -226,7 +233,8 @@ class Components:
         # before it serves, the fast decode loop is compared with the fp32 reference on these very weights, and
         # falls back (int8, then the reference backend) when it disagrees
         generator, check = load_checked(path, Thresholds(s.selfcheck_max_kl_share, s.selfcheck_min_top1),
-                                        check=s.music_selfcheck, device=self.runtime.device, dtype=self.runtime.dtype,
+                                        check=s.music_selfcheck, packed_cache=s.packed_cache,
+                                        device=self.runtime.device, dtype=self.runtime.dtype,
                                         weights=self.runtime.music_weights, backend=s.music_backend,
                                         cache_dir=s.cache_dir, native_kernels=s.native_kernels,
                                         first_chunk_s=s.first_chunk_s, stream_chunk_s=s.stream_chunk_s,

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .runtime import build_model
+
 PROBE_SENTENCES = (
     "I miss you every night since you went away",
     "dancing all night long under the city lights",
@@ -47,7 +49,7 @@ class SentenceEmbedder:
         else:
             from sentence_transformers import SentenceTransformer
 
-            self._model = SentenceTransformer(str(path), device=device)
+            self._model = build_model(SentenceTransformer, str(path), device=device)
             dimension = (self._model.get_embedding_dimension() if hasattr(self._model, "get_embedding_dimension")
                          else self._model.get_sentence_embedding_dimension())
         self.info = EmbedderInfo(model_id=model_id, revision=revision, path=str(path), dimension=int(dimension))
@@ -89,7 +91,7 @@ class _TransformerPooling:
         from transformers import AutoModel, AutoTokenizer
 
         self._tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self._model = AutoModel.from_pretrained(str(path)).to(device).eval()
+        self._model = build_model(AutoModel.from_pretrained, str(path)).to(device).eval()
         self._device, self._max_length, self._mean, self._normalize = device, max_length, mean, normalize
         self.dimension = int(self._model.config.hidden_size)
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from .features import FEATURES, RANGES
 from .memory import release_file_pages, trim
-from .runtime import fast_bf16
+from .runtime import build_model, fast_bf16
 
 EMBED_DIM = 512
 
@@ -127,7 +127,7 @@ class ClipImageEncoder:
         self.device = device
         self._dtype = dtype or torch.float32
         processor = CLIPProcessor.from_pretrained(path, image_processor=CLIPImageProcessorPil.from_pretrained(path))
-        model = CLIPModel.from_pretrained(path, dtype=self._dtype).eval().to(device)
+        model = build_model(CLIPModel.from_pretrained, path, dtype=self._dtype).eval().to(device)
         self.logit_scale = float(model.logit_scale.exp().item())
         self.text_embeddings: dict[str, np.ndarray] = {}
         if prompts:

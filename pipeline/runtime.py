@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -14,6 +15,18 @@ class Runtime:
     device: str  # "cpu" or "cuda"
     dtype: "torch.dtype"  # float type of BLIP, CLIP and the T5 text encoder  # noqa: F821
     music_weights: str  # int5 | int4 | int8 | bf16 | fp16 | fp32
+
+
+# transformers' from_pretrained is not thread-safe: while it builds a model it swaps process-wide state (torch's
+# default dtype, patched torch functions, its weight-initialisation switches); two at once left one model's
+# weights on the meta device. The app loads the music model beside the others, so every build takes this lock.
+_BUILD_LOCK = threading.Lock()
+
+
+def build_model(make, *args, **kwargs):
+    """`make(*args, **kwargs)` (a `from_pretrained`, or a constructor that calls one), one build at a time."""
+    with _BUILD_LOCK:
+        return make(*args, **kwargs)
 
 
 def quiet_libraries() -> None:

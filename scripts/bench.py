@@ -765,6 +765,9 @@ def bench_app(args) -> dict:
                     if "still loading" not in str(exc) or time.perf_counter() > deadline:
                         raise
             result["models_ready_s"] = round(time.perf_counter() - started, 2)
+            # where the start went: each part's load time as /status reports it (they load one after another)
+            report = client.predict(api_name="/status")
+            result["load_s"] = {part["name"]: part["load_s"] for part in report["components"]}
             times = []
             for i in range(args.repeats):
                 t = time.perf_counter()

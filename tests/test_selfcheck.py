@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,11 @@ def tileable_checkpoint(tmp_path_factory, demo_paths):
 def corrupted_kernel(monkeypatch):
     """Every matrix the native kernel packs gets its two 4-bit halves swapped in each byte: the kind of layout
     mistake a kernel change could make, which the self-check must catch."""
-    from pipeline.music import native
+    from pipeline.music import native, packcache
 
     original = native.PackedLowBit.__init__
+    # a changed packer gets a new cache key from its source; a monkeypatch does not change the source
+    monkeypatch.setattr(packcache.PackEntry, "open", classmethod(lambda cls, *args: None))
 
     def packed_then_corrupted(self, weight, bits=5, kernel=None):
         original(self, weight, bits=bits, kernel=kernel)
@@ -165,3 +168,57 @@ def test_mel_distance_sees_a_changed_sound():
     near = mel_distance(tone, tone * 0.98, rate)
     far = mel_distance(tone, 0.5 * np.sin(2 * np.pi * 1760 * t), rate)
     assert 0 < near < 1.0 < far
+
+
+def test_packed_weights_and_their_figures_are_reused_and_a_damaged_entry_is_rebuilt(tileable_checkpoint, cache_dir,
+                                                                                   tmp_path):
+    import shutil
+
+    from pipeline.music import MusicRequest
+    from pipeline.music.native import load_kernel
+    from pipeline.music.packcache import FOLDER
+    from pipeline.music.selfcheck import Thresholds, load_checked
+
+    if load_kernel(str(cache_dir)) is None:
+        pytest.skip("no native kernel on this machine")
+    checkpoint = tmp_path / "checkpoint"  # a folder of its own: its own cache key, whatever other tests stored
+    shutil.copytree(tileable_checkpoint, checkpoint)
+    request = MusicRequest("calm piano", 1.0, seed=3)
+
+    def load(thresholds=None):
+        generator, check = load_checked(checkpoint, thresholds or _thresholds(), weights="int5",
+                                        cache_dir=str(cache_dir))
+        assert generator.weights == "int5-native" and check.checks[-1].passed
+        return generator, check, generator.generate(request, write=False).samples
+
+    first, first_check, first_audio = load()
+    assert not first_check.reused and not first.lm.packs_reused
+    again, again_check, again_audio = load()
+    assert again_check.reused and again.lm.packs_reused and again_check.reference_seconds == 0
+    assert again_check.checks[0].kl == first_check.checks[0].kl and again_check.as_dict()["reused"]
+    assert "earlier start" in again_check.summary
+    assert (again_audio == first_audio).all()  # the stored bytes are the packed bytes
+
+    # stored figures are judged against today's thresholds: tighter ones that they fail send the load through the
+    # full check (which fails as well and falls back to int8), not through the cache
+    strict = Thresholds(max_kl_share=max(first_check.checks[0].kl_share) * 0.5, min_top1=0.0)
+    fallback, strict_check = load_checked(checkpoint, strict, weights="int5", cache_dir=str(cache_dir))
+    assert not strict_check.reused and not strict_check.checks[0].passed and fallback.weights == "int8"
+
+    entries = list((cache_dir / FOLDER).glob("*.safetensors"))
+    entry = max(entries, key=lambda p: p.stat().st_mtime)
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the packed weights
+    entry.write_bytes(bytes(data))
+    _, rebuilt_check, rebuilt_audio = load()
+    assert not rebuilt_check.reused and rebuilt_check.reference_seconds > 0  # measured again
+    assert (rebuilt_audio == first_audio).all()
+    _, after_check, _ = load()
+    assert after_check.reused  # the rebuilt entry is whole again
+
+    # an edited checkpoint is another key: nothing stored for the old one is used
+    weights = next(checkpoint.glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    _, edited_check, _ = load()
+    assert not edited_check.reused

@@ -29,6 +29,7 @@ import torch
 from ..audio import LoudnessNormalizer, chunk_grid, write_wav
 from ..errors import Cancelled, InputError
 from ..memory import release_file_pages
+from ..runtime import build_model
 from .codec import LOOKAHEAD_FRAMES, StreamingCodec
 from .lm import FastMusicLM, codebook_delays
 from .request import MusicRequest
@@ -103,7 +104,7 @@ class MusicGenerator:
     def __init__(self, model, processor, *, device: str = "cpu", weights: str = "int5", backend: str = "fast",
                  cache_dir: str | None = None, native_kernels: bool = True, first_chunk_s: float = 0.5,
                  stream_chunk_s: float = 1.0, audio_dir: Path | None = None, keep_reference: bool = False,
-                 window_s: float = 30.0, extend_stride_s: float = 18.0):
+                 window_s: float = 30.0, extend_stride_s: float = 18.0, packs=None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if model.config.model_type == "musicgen_melody":
@@ -129,7 +130,7 @@ class MusicGenerator:
         if backend == "fast":
             self.lm: FastMusicLM | None = FastMusicLM(self._model, weights=weights, device=device,
                                                       cache_dir=cache_dir, native_kernels=native_kernels,
-                                                      keep_reference=keep_reference)
+                                                      keep_reference=keep_reference, packs=packs)
             self.weights = self.lm.format
         else:
             self.lm = None
@@ -160,7 +161,7 @@ class MusicGenerator:
             from transformers import MusicgenMelodyForConditionalGeneration as ModelClass
         else:
             from transformers import MusicgenForConditionalGeneration as ModelClass
-        model = ModelClass.from_pretrained(path, dtype=torch.float32).eval()
+        model = build_model(ModelClass.from_pretrained, path, dtype=torch.float32).eval()
         if options.get("device", "cpu") == "cpu" and options.get("weights", "int5") in ("int5", "int4", "int8"):
             # T5 runs once per request: dynamic int8 halves its time and saves ~330 MB; the text encoding it
             # conditions on stays at cosine 0.999 with fp32

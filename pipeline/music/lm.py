@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..errors import Cancelled
 from ..memory import release_file_pages, trim
 from .native import LAYER_MATRICES
-from .quantize import ACTIVATION_DTYPE, pack_linear, resolve_format
+from .quantize import ACTIVATION_DTYPE, NativeLowBitLinear, pack_linear, resolve_format
 from .request import Sampling
 
 
@@ -60,7 +60,8 @@ class FastMusicLM:
     per-operation PyTorch step even where the native kernel could run whole layers (tests compare the two)."""
 
     def __init__(self, model, weights: str = "int5", device: str = "cpu", keep_reference: bool = False,
-                 cache_dir: str | None = None, native_kernels: bool = True, fused_layers: bool = True):
+                 cache_dir: str | None = None, native_kernels: bool = True, fused_layers: bool = True,
+                 packs=None):
         self.device = device
         self.format, kernel = resolve_format(weights, device, cache_dir, native_kernels)
         self.dtype = ACTIVATION_DTYPE[self.format]
@@ -78,9 +79,27 @@ class FastMusicLM:
         self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
         self.max_positions = decoder.embed_positions.weights.shape[0]
 
+        def decoder_linears(block):  # what `pack` is given for one layer, in the order it is given
+            return [[block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj], [block.self_attn.out_proj],
+                    [block.encoder_attn.q_proj], [block.encoder_attn.out_proj], [block.encoder_attn.k_proj],
+                    [block.encoder_attn.v_proj], [block.fc1], [block.fc2]]
+
+        # `packs` (a `packcache.PackEntry` for this checkpoint, format, code and CPU): the matrices as packed at an
+        # earlier start, in the order `pack` is called below; then the fp32 decoder weights are never read
+        shapes = [(sum(m.out_features for m in group), group[0].in_features)
+                  for block in model.decoder.model.decoder.layers for group in decoder_linears(block)]
+        shapes.append((sum(h.out_features for h in model.decoder.lm_heads), model.decoder.lm_heads[0].in_features))
+        stored = packs.load(shapes) if packs is not None and packs.format == self.format else None
+        made: list = []
+
         def pack(*linears):
-            return pack_linear(torch.cat([m.weight.detach().float() for m in linears], dim=0), self.format, device,
-                               kernel)
+            if stored is not None:
+                made.append(NativeLowBitLinear(None, bits=stored[len(made)].bits, kernel=kernel,
+                                               packed=stored[len(made)]))
+            else:
+                made.append(pack_linear(torch.cat([m.weight.detach().float() for m in linears], dim=0), self.format,
+                                        device, kernel))
+            return made[-1]
 
         self.embeddings = torch.stack([e.weight.detach() for e in decoder.embed_tokens]).to(device, self.dtype)
         self._codebook_index = torch.arange(self.num_codebooks, device=device)
@@ -88,20 +107,19 @@ class FastMusicLM:
         self.layers = []
         for block in decoder.layers:
             layer = LayerWeights()
-            attn, cross = block.self_attn, block.encoder_attn
             layer.ln1 = _ln(block.self_attn_layer_norm, self.dtype)
-            layer.qkv = pack(attn.q_proj, attn.k_proj, attn.v_proj)
-            layer.out = pack(attn.out_proj)
+            (layer.qkv, layer.out, layer.cross_q, layer.cross_out, layer.cross_k, layer.cross_v, layer.fc1,
+             layer.fc2) = (pack(*group) for group in decoder_linears(block))
             layer.ln2 = _ln(block.encoder_attn_layer_norm, self.dtype)
-            layer.cross_q, layer.cross_out = pack(cross.q_proj), pack(cross.out_proj)
-            layer.cross_k, layer.cross_v = pack(cross.k_proj), pack(cross.v_proj)
             layer.ln3 = _ln(block.final_layer_norm, self.dtype)
-            layer.fc1, layer.fc2 = pack(block.fc1), pack(block.fc2)
             self.layers.append(layer)
             if not keep_reference:  # the packed copy is all that is read from now on
                 release_file_pages(p for name, p in block.named_parameters() if "layer_norm" not in name)
         self.final_ln = _ln(decoder.layer_norm, self.dtype)
         self.heads_linear = pack(*model.decoder.lm_heads)
+        self.packs_reused = stored is not None
+        if packs is not None and stored is None and all(getattr(m, "native", False) for m in made):
+            packs.save([m.packed for m in made])
         if not keep_reference:
             release_file_pages([*model.decoder.lm_heads.parameters(), *decoder.embed_tokens.parameters()])
         # with the native kernel and shapes it tiles, a whole layer runs as one C call (no per-op Python overhead)

@@ -212,6 +212,7 @@ class PackedLowBit:
     (out, in/8), and fp16 scales and offsets (out, in/32)."""
 
     __slots__ = ("weight", "high_bits", "scale", "offset", "out_features", "in_features", "bits")
+    TENSORS = ("weight", "high_bits", "scale", "offset")  # what `to_tensors` holds (high_bits for 5 bits only)
 
     def __init__(self, weight: torch.Tensor, bits: int = 5, kernel: "LowBitKernel | None" = None):
         n, k = weight.shape
@@ -234,6 +235,19 @@ class PackedLowBit:
         self.scale = scale.reshape(n, -1).contiguous()
         self.offset = offset.reshape(n, -1).contiguous()
         self.out_features, self.in_features, self.bits = n, k, bits
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The bytes that are the matrix (what `packcache` stores); `from_tensors` rebuilds it."""
+        return {name: getattr(self, name) for name in self.TENSORS if getattr(self, name) is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "PackedLowBit":
+        packed = cls.__new__(cls)
+        packed.weight, packed.scale, packed.offset = tensors["weight"], tensors["scale"], tensors["offset"]
+        packed.high_bits = tensors.get("high_bits")
+        packed.out_features, packed.in_features = packed.weight.shape[0], packed.weight.shape[1] * 2
+        packed.bits = 5 if packed.high_bits is not None else 4
+        return packed
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 matrix these bytes represent (tests compare the kernel against it)."""
@@ -259,7 +273,7 @@ def torch_openmp() -> Path | None:
     return candidates[0] if candidates else None
 
 
-def _cpu_signature() -> str:
+def cpu_signature() -> str:
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
@@ -278,7 +292,7 @@ def load_kernel(cache_dir: str) -> LowBitKernel | None:
     if compiler is None or openmp is None or not SOURCE.is_file():
         log.info("low-bit kernel unavailable (compiler=%s, openmp=%s)", compiler, openmp)
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_signature().encode() + str(openmp).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + cpu_signature().encode() + str(openmp).encode()).hexdigest()[:16]
     target = Path(cache_dir) / "kernels" / f"lowbit_matmul-{digest}.so"
     recorded = target.with_name(target.name + ".sha256")
     trusted = target.is_file() and recorded.is_file() and recorded.read_text().strip() == _file_sha256(target)

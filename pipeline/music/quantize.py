@@ -130,10 +130,11 @@ class NativeLowBitLinear(PackedLinear):
 
     native = True
 
-    def __init__(self, weight: torch.Tensor, bits: int, kernel):
+    def __init__(self, weight: torch.Tensor | None, bits: int, kernel, packed=None):
         from .native import PackedLowBit
 
-        self.packed = PackedLowBit(weight, bits=bits, kernel=kernel)
+        # `packed`: the same matrix packed at an earlier start (`packcache`), so `weight` is never read
+        self.packed = packed if packed is not None else PackedLowBit(weight, bits=bits, kernel=kernel)
         self.kernel = kernel
 
     def __call__(self, x):

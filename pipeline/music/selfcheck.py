@@ -90,6 +90,7 @@ class SelfCheck:
     seconds: float  # everything, reloads for fallbacks included
     reference_seconds: float  # the fp32 side of the check (its teacher tokens and logits)
     summary: str
+    reused: bool = False  # the figures were measured at an earlier start on the same packed bytes (`packcache`)
 
     @property
     def fell_back(self) -> bool:
@@ -97,7 +98,7 @@ class SelfCheck:
 
     def as_dict(self) -> dict:
         return {"summary": self.summary, "backend": self.backend, "weights": self.weights,
-                "fell_back": self.fell_back, "seconds": round(self.seconds, 2),
+                "fell_back": self.fell_back, "reused": self.reused, "seconds": round(self.seconds, 2),
                 "check_seconds": round(self.reference_seconds + sum(c.seconds for c in self.checks), 2),
                 "thresholds": {"max_kl_share": self.thresholds.max_kl_share, "min_top1": self.thresholds.min_top1},
                 "checks": [c.as_dict() for c in self.checks]}
@@ -191,8 +192,7 @@ def compare(lm: FastMusicLM, reference: Probe, thresholds: Thresholds) -> Figure
                                    guidance=reference.guidance_scale > 1.0)
     fast = guided(got.float().cpu(), reference.guidance_scale)
     found = figures(reference.logits, fast, reference.scored)
-    passed = all(math.isfinite(v) and v <= thresholds.max_kl_share for v in found["kl_share"]) and \
-        all(v >= thresholds.min_top1 for v in found["top1"])
+    passed = _passes(found["kl_share"], found["top1"], thresholds)
     return Figures(lm.format, tuple(found["kl"]), tuple(found["kl_share"]), tuple(found["top1"]), passed,
                    time.perf_counter() - started)
 
@@ -208,18 +208,30 @@ class _ProbingGenerator(MusicGenerator):
         super().__init__(model, processor, **options)
 
 
-def load_checked(path: str | Path, thresholds: Thresholds, *, check: bool = True,
+def load_checked(path: str | Path, thresholds: Thresholds, *, check: bool = True, packed_cache: bool = True,
                  **options) -> tuple[MusicGenerator, SelfCheck | None]:
     """A `MusicGenerator` for a checkpoint folder (options as `pipeline.music.load_model`), its fast loop checked
-    against the fp32 reference first; None for the check when it did not run (off, or the reference backend)."""
-    if not check:
-        return MusicGenerator.load(Path(path), **options), None
+    against the fp32 reference first; None for the check when it did not run (off, or the reference backend).
+
+    With `packed_cache`, the packed weights and the check's figures on them are kept in `cache_dir` (`packcache`):
+    a later start with the same checkpoint, code and CPU loads those bytes and judges the stored figures against
+    `thresholds` instead of packing and probing again."""
     started = time.perf_counter()
+    entry = _entry(path, options) if packed_cache and options.get("backend", "fast") == "fast" else None
+    if not check:
+        return MusicGenerator.load(Path(path), packs=entry, **options), None
+    if entry is not None:
+        reused = _reuse(path, entry, thresholds, options, started)
+        if reused is not None:
+            return reused
     reference: list[Probe] = []
-    generator = _ProbingGenerator.load(Path(path), probe_into=reference, **options)
+    generator = _ProbingGenerator.load(Path(path), probe_into=reference, packs=entry, **options)
     if generator.lm is None or not reference:
         return generator, None
     checks = [compare(generator.lm, reference[0], thresholds)]
+    if entry is not None and checks[0].weights == entry.format:
+        entry.save_figures({"weights": checks[0].weights, "kl": list(checks[0].kl),  # full precision
+                            "kl_share": list(checks[0].kl_share), "top1": list(checks[0].top1)})
     while not checks[-1].passed:
         weights = FALLBACK_WEIGHTS.get(checks[-1].weights)
         generator = None
@@ -231,6 +243,37 @@ def load_checked(path: str | Path, thresholds: Thresholds, *, check: bool = True
         checks.append(compare(generator.lm, reference[0], thresholds))
     return generator, SelfCheck(tuple(checks), generator.backend, generator.weights, thresholds,
                                 time.perf_counter() - started, reference[0].seconds, _summary(checks, generator))
+
+
+def _entry(path, options):
+    from .packcache import PackEntry
+    from .quantize import resolve_format
+
+    fmt, kernel = resolve_format(options.get("weights", "int5"), options.get("device", "cpu"),
+                                 options.get("cache_dir"), options.get("native_kernels", True))
+    return PackEntry.open(options.get("cache_dir"), Path(path), fmt, kernel)
+
+
+def _passes(kl_share, top1, thresholds: Thresholds) -> bool:
+    return all(math.isfinite(v) and v <= thresholds.max_kl_share for v in kl_share) and \
+        all(v >= thresholds.min_top1 for v in top1)
+
+
+def _reuse(path, entry, thresholds: Thresholds, options: dict, started: float):
+    """The generator on the stored packed weights with the stored figures, when the figures pass today's
+    thresholds and the bytes they were measured on load intact; else None (the full check runs)."""
+    stored = entry.recorded_figures()
+    if not stored or not _passes(stored["kl_share"], stored["top1"], thresholds):
+        return None
+    generator = MusicGenerator.load(Path(path), packs=entry, **options)
+    if generator.lm is None or not generator.lm.packs_reused or entry.figures() != stored or \
+            stored.get("weights") != generator.weights:
+        return None  # rare (a damaged entry was just rebuilt): the caller loads again and measures
+    figures = Figures(generator.weights, tuple(stored["kl"]), tuple(stored["kl_share"]), tuple(stored["top1"]),
+                      True, 0.0)
+    summary = _summary([figures], generator) + " (measured at an earlier start on these same packed weights)"
+    return generator, SelfCheck((figures,), generator.backend, generator.weights, thresholds,
+                                time.perf_counter() - started, 0.0, summary, reused=True)
 
 
 def _summary(checks: list[Figures], generator: MusicGenerator) -> str:
