@@ -203,7 +203,9 @@ class Settings:
                             "Downloaded once and checked file by file; `index/` is used, with a note, when it "
                             "cannot be.")
     cache_dir: str = _setting("I2M_CACHE_DIR", str(Path.home() / ".cache" / "image-to-music"),
-                              "Where demo models and generated audio live.")
+                              "Where demo models, generated audio, the compiled kernel, the packed music weights "
+                              "and cached embeddings live (on a Space, a folder on persistent storage keeps them "
+                              "across restarts).")
     hf_token: str = _setting("HF_TOKEN", "", "Hugging Face token for gated or private repos; read from the "
                              "environment only and never logged or shown.", secret=True)
 
