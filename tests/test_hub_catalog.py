@@ -1,20 +1,17 @@
 """A catalog that lives on the Hub (`I2M_CATALOG`), against a local stand-in for the Hub on 127.0.0.1.
 
 huggingface_hub reads `HF_ENDPOINT` when it is imported, so each load runs in a child process (`child()` below)
-with the stand-in's address; the small catalog built by the real build script plays both the Hub's copy and the
-shipped `index/` the app falls back to.
+with the stand-in's address (`tests/fake_hub.py`); the small catalog built by the real build script plays both the
+Hub's copy and the shipped `index/` the app falls back to.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.test_download_progress import ROOT, FakeHub
+from tests.fake_hub import OFFLINE, FakeHub, child_env, run_child
 
 REPO, COMMIT = "acme/songs", "fedcba9876543210fedcba9876543210fedcba98"
 REF = f"{REPO}@{COMMIT}"
@@ -31,16 +28,7 @@ def child(index_dir: str, ref: str) -> None:
 
 
 def _load(hub: FakeHub | None, index_dir, hf_home, ref: str = REF) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1",
-               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
-               HF_ENDPOINT=hub.endpoint if hub else "http://127.0.0.1:9")  # port 9: nothing listens (offline)
-    env.pop("HF_TOKEN", None)
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.test_hub_catalog import child; "
-            f"child({str(index_dir)!r}, {ref!r})")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                            cwd=str(ROOT))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(child, str(index_dir), ref, env=child_env(hub.endpoint if hub else OFFLINE, hf_home))
 
 
 def _files(index) -> dict[str, bytes]:
