@@ -7,14 +7,18 @@ Hub's copy and the shipped `index/` the app falls back to.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.fake_hub import OFFLINE, FakeHub, child_env, run_child
 
 REPO, COMMIT = "acme/songs", "fedcba9876543210fedcba9876543210fedcba98"
 REF = f"{REPO}@{COMMIT}"
+TOKEN = "hf_stand_in_write_token"
 
 
 def child(index_dir: str, ref: str) -> None:
@@ -25,6 +29,13 @@ def child(index_dir: str, ref: str) -> None:
     loaded = load_catalog(Settings(index_dir=index_dir, catalog=ref))
     print(json.dumps({"source": loaded.source, "note": loaded.note, "path": str(loaded.catalog.path),
                       "counts": loaded.catalog.counts}))
+
+
+def push_child(folder: str, repo: str, token: str) -> None:
+    """Runs in the child process: publish a built catalog as `--push-to-hub` does and print the ref it returned."""
+    from scripts.build_index import push_to_hub
+
+    print(json.dumps({"ref": push_to_hub(Path(folder), repo, token)}))
 
 
 def _load(hub: FakeHub | None, index_dir, hf_home, ref: str = REF) -> dict:
@@ -111,3 +122,28 @@ def test_a_setting_that_is_not_a_pinned_dataset_is_explained(small_index, tmp_pa
 def test_offline_falls_back_with_a_note(small_index, tmp_path):
     report = _load(None, small_index, tmp_path / "hf")
     assert report["source"] == "index" and REF in report["note"] and report["counts"]["songs"] > 0
+
+
+def test_a_pushed_catalog_is_one_commit_that_the_app_then_loads_at_that_commit(hub_files, small_index, tmp_path):
+    hub = FakeHub(delay_s=0, repo=REPO, repo_type="dataset", token=TOKEN)
+    try:
+        ref = run_child(push_child, str(small_index), REPO, TOKEN,
+                        env=child_env(hub.endpoint, tmp_path / "push"))["ref"]
+        loaded = _load(hub, small_index, tmp_path / "hf", ref=ref)
+    finally:
+        hub.close()
+    repo, _, commit = ref.partition("@")
+    # the repo's first commit (made with the repo) and the catalog's, which is the one the ref pins
+    assert repo == REPO and commit == hub.branches["main"] and len(hub.commits) == 2, (ref, hub.branches)
+    published = hub.commits[commit]
+    assert {name: data for name, data in published.items() if name not in (".gitattributes", "README.md")} == \
+        hub_files
+    card = published["README.md"].decode()
+    assert card.startswith("---\n") and yaml.safe_load(card.split("---\n")[1])["license"] == "odbl", card
+    # the binary files went by LFS, each checked against its sha256 on arrival; the stand-in refuses them inline
+    assert set(hub.lfs) == {hashlib.sha256(data).hexdigest() for name, data in hub_files.items()
+                            if name != "manifest.json"}
+    assert loaded["source"] == "hub" and loaded["note"] is None, loaded
+    assert "datasets--acme--songs" in loaded["path"] and commit in loaded["path"]
+    assert _files(Path(loaded["path"])) == published
+
