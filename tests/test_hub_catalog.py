@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.fake_hub import OFFLINE, FakeHub, child_env, run_child
+from tests.fake_hub import OFFLINE, ROOT, FakeHub, child_env, run_child
 
 REPO, COMMIT = "acme/songs", "fedcba9876543210fedcba9876543210fedcba98"
 REF = f"{REPO}@{COMMIT}"
@@ -147,3 +151,18 @@ def test_a_pushed_catalog_is_one_commit_that_the_app_then_loads_at_that_commit(h
     assert "datasets--acme--songs" in loaded["path"] and commit in loaded["path"]
     assert _files(Path(loaded["path"])) == published
 
+
+def test_publishing_without_a_token_stops_before_the_build_with_a_clear_message(tmp_path):
+    from scripts.build_index import push_to_hub
+
+    message = "--push-to-hub needs a write token in HF_TOKEN."
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        push_to_hub(tmp_path, REPO, "")
+    # a build from the full tables takes minutes: an empty --data-dir shows the token is asked for first (the
+    # build would stop on the missing tables with its own message)
+    env = dict(os.environ)
+    env.pop("HF_TOKEN", None)
+    result = subprocess.run([sys.executable, "scripts/build_index.py", "--data-dir", str(tmp_path), "--out",
+                             str(tmp_path / "out"), "--quiet", "--push-to-hub", REPO], env=env, cwd=str(ROOT),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().endswith(message), result.stderr[-2000:]
