@@ -787,12 +787,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def hub_token(token: str | None) -> str:
+    """The write token `--push-to-hub` needs; the script asks before building, which takes minutes to hours."""
+    if not token:
+        raise SystemExit("--push-to-hub needs a write token in HF_TOKEN.")
+    return token
+
+
 def push_to_hub(folder: Path, repo: str, token: str) -> str:
     """Upload a built catalog as one commit of a Hub dataset repo; returns `repo@commit` for I2M_CATALOG."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    if not token:
-        raise SystemExit("--push-to-hub needs a write token in HF_TOKEN.")
+    token = hub_token(token)
     manifest = json.loads((folder / "manifest.json").read_text())
     sources = "\n".join(f"- {s.get('title', s['name'])}: {s.get('licence', 'see its source')}"
                         for s in manifest["sources"])
@@ -810,10 +816,11 @@ def push_to_hub(folder: Path, repo: str, token: str) -> str:
 
 
 if __name__ == "__main__":
+    import os
+
     arguments = parse_args()
+    token = hub_token(os.environ.get("HF_TOKEN")) if arguments.push_to_hub else None
     build(arguments)
     if arguments.push_to_hub:
-        import os
-
-        ref = push_to_hub(Path(arguments.out), arguments.push_to_hub, os.environ.get("HF_TOKEN", ""))
+        ref = push_to_hub(Path(arguments.out), arguments.push_to_hub, token)
         _progress(f"published: run the app with I2M_CATALOG={ref}")

@@ -1,23 +1,28 @@
 """A catalog that lives on the Hub (`I2M_CATALOG`), against a local stand-in for the Hub on 127.0.0.1.
 
 huggingface_hub reads `HF_ENDPOINT` when it is imported, so each load runs in a child process (`child()` below)
-with the stand-in's address; the small catalog built by the real build script plays both the Hub's copy and the
-shipped `index/` the app falls back to.
+with the stand-in's address (`tests/fake_hub.py`); the small catalog built by the real build script plays both the
+Hub's copy and the shipped `index/` the app falls back to.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.test_download_progress import ROOT, FakeHub
+from tests.fake_hub import OFFLINE, ROOT, FakeHub, child_env, run_child
 
 REPO, COMMIT = "acme/songs", "fedcba9876543210fedcba9876543210fedcba98"
 REF = f"{REPO}@{COMMIT}"
+TOKEN = "hf_stand_in_write_token"
 
 
 def child(index_dir: str, ref: str) -> None:
@@ -30,17 +35,15 @@ def child(index_dir: str, ref: str) -> None:
                       "counts": loaded.catalog.counts}))
 
 
+def push_child(folder: str, repo: str, token: str) -> None:
+    """Runs in the child process: publish a built catalog as `--push-to-hub` does and print the ref it returned."""
+    from scripts.build_index import push_to_hub
+
+    print(json.dumps({"ref": push_to_hub(Path(folder), repo, token)}))
+
+
 def _load(hub: FakeHub | None, index_dir, hf_home, ref: str = REF) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1",
-               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
-               HF_ENDPOINT=hub.endpoint if hub else "http://127.0.0.1:9")  # port 9: nothing listens (offline)
-    env.pop("HF_TOKEN", None)
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.test_hub_catalog import child; "
-            f"child({str(index_dir)!r}, {ref!r})")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                            cwd=str(ROOT))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(child, str(index_dir), ref, env=child_env(hub.endpoint if hub else OFFLINE, hf_home))
 
 
 def _files(index) -> dict[str, bytes]:
@@ -123,3 +126,43 @@ def test_a_setting_that_is_not_a_pinned_dataset_is_explained(small_index, tmp_pa
 def test_offline_falls_back_with_a_note(small_index, tmp_path):
     report = _load(None, small_index, tmp_path / "hf")
     assert report["source"] == "index" and REF in report["note"] and report["counts"]["songs"] > 0
+
+
+def test_a_pushed_catalog_is_one_commit_that_the_app_then_loads_at_that_commit(hub_files, small_index, tmp_path):
+    hub = FakeHub(delay_s=0, repo=REPO, repo_type="dataset", token=TOKEN)
+    try:
+        ref = run_child(push_child, str(small_index), REPO, TOKEN,
+                        env=child_env(hub.endpoint, tmp_path / "push"))["ref"]
+        loaded = _load(hub, small_index, tmp_path / "hf", ref=ref)
+    finally:
+        hub.close()
+    repo, _, commit = ref.partition("@")
+    # the repo's first commit (made with the repo) and the catalog's, which is the one the ref pins
+    assert repo == REPO and commit == hub.branches["main"] and len(hub.commits) == 2, (ref, hub.branches)
+    published = hub.commits[commit]
+    assert {name: data for name, data in published.items() if name not in (".gitattributes", "README.md")} == \
+        hub_files
+    card = published["README.md"].decode()
+    assert card.startswith("---\n") and yaml.safe_load(card.split("---\n")[1])["license"] == "odbl", card
+    # the binary files went by LFS, each checked against its sha256 on arrival; the stand-in refuses them inline
+    assert set(hub.lfs) == {hashlib.sha256(data).hexdigest() for name, data in hub_files.items()
+                            if name != "manifest.json"}
+    assert loaded["source"] == "hub" and loaded["note"] is None, loaded
+    assert "datasets--acme--songs" in loaded["path"] and commit in loaded["path"]
+    assert _files(Path(loaded["path"])) == published
+
+
+def test_publishing_without_a_token_stops_before_the_build_with_a_clear_message(tmp_path):
+    from scripts.build_index import push_to_hub
+
+    message = "--push-to-hub needs a write token in HF_TOKEN."
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        push_to_hub(tmp_path, REPO, "")
+    # a build from the full tables takes minutes: an empty --data-dir shows the token is asked for first (the
+    # build would stop on the missing tables with its own message)
+    env = dict(os.environ)
+    env.pop("HF_TOKEN", None)
+    result = subprocess.run([sys.executable, "scripts/build_index.py", "--data-dir", str(tmp_path), "--out",
+                             str(tmp_path / "out"), "--quiet", "--push-to-hub", REPO], env=env, cwd=str(ROOT),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().endswith(message), result.stderr[-2000:]
