@@ -6,7 +6,8 @@ same process against a baseline, since shared machines are noisy.
     python scripts/bench.py batch --seconds 10 --json    # many listeners at once: throughput, stalls, batch invariance
     python scripts/bench.py analyze --json               # caption, mood, recommendations, Analyze end to end
     python scripts/bench.py catalog --json               # 1.2M-track feature and 100k-passage lyric catalogs
-    python scripts/bench.py pipeline --json              # every model loaded: streamed music RTF, Analyze
+    python scripts/bench.py pipeline --json              # every model loaded: streamed music RTF, Analyze (alone, and
+                                                         # while 4 clips stream)
     python scripts/bench.py app --json                   # the whole app: cold start, peak memory, API timings
     python scripts/bench.py video --json                 # a 20-s 720p clip scored end to end, and the media layer
     add --device cuda to run music/analyze on a GPU when one is present.
@@ -818,8 +819,45 @@ def bench_pipeline(args) -> dict:
         images = [photo(640, 480, seed=i) for i in range(args.repeats)]
         pipe.analyze(images[0])
         result["analyze_s"] = _median([_timed(lambda im: pipe.analyze(im, extra="x"), im) for im in images[1:]])
+        fresh = [photo(640, 480, seed=1000 + i) for i in range(max(2, args.repeats - 1))]
+        result.update(_analyze_under_streams(pipe, fresh, pipe.settings.max_batch))
+        result["analyze_slowdown"] = round(result["analyze_while_streaming_s"] / result["analyze_s"], 2)
     result["peak_rss_mb"] = memory.peak_mb
     return result
+
+
+def _analyze_under_streams(pipe, images, listeners: int) -> dict:
+    """Analyze for another visitor while `listeners` clips stream (the music issue asks ≤ 2× its solo time): the
+    streams decode in one batch on the compute thread, and Analyze's model calls take turns with their steps. The
+    streams are long enough to outlast the analyses, then cancelled."""
+    import threading
+
+    from pipeline.errors import Cancelled
+
+    streaming = threading.Barrier(listeners + 1)
+    stop = threading.Event()
+
+    def listen(seed: int) -> None:
+        chunks = pipe.stream("upbeat electronic track with punchy drums, 124 BPM", 120.0, 100 + seed, cancel=stop)
+        try:
+            next(chunks)
+            streaming.wait()
+            for _ in chunks:
+                pass
+        except Cancelled:
+            pass
+        finally:
+            chunks.close()
+
+    threads = [threading.Thread(target=listen, args=(i,)) for i in range(listeners)]
+    for thread in threads:
+        thread.start()
+    streaming.wait()  # every listener has heard its first chunk
+    times = [_timed(lambda im: pipe.analyze(im, extra="y"), image) for image in images]  # photos not seen before
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return {"analyze_while_streaming_s": _median(times), "streaming_listeners": listeners}
 
 
 def bench_video(args) -> dict:
