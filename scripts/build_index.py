@@ -795,8 +795,9 @@ def hub_token(token: str | None) -> str:
 
 
 def push_to_hub(folder: Path, repo: str, token: str) -> str:
-    """Upload a built catalog as one commit of a Hub dataset repo; returns `repo@commit` for I2M_CATALOG."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    """Upload a built catalog as one commit of a Hub dataset repo that then holds that build alone; returns
+    `repo@commit` for I2M_CATALOG."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     token = hub_token(token)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -810,6 +811,12 @@ def push_to_hub(folder: Path, repo: str, token: str) -> str:
     operations.append(CommitOperationAdd("README.md", card.encode()))
     api = HfApi(token=token)
     api.create_repo(repo, repo_type="dataset", exist_ok=True)
+    # the app downloads the whole snapshot at the pinned commit: a file an earlier build had and this one does not
+    # (dropped or renamed) would come with it for nothing, so the same commit removes it; `.gitattributes` is the
+    # Hub's, and routes the binary files to LFS
+    ours = {operation.path_in_repo for operation in operations}
+    operations += [CommitOperationDelete(name) for name in api.list_repo_files(repo, repo_type="dataset")
+                   if name not in ours and name != ".gitattributes"]
     commit = api.create_commit(repo, operations, repo_type="dataset",
                                commit_message=f"Catalog: {json.dumps(manifest['counts'])}")
     return f"{repo}@{commit.oid}"

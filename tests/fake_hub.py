@@ -48,8 +48,9 @@ class FakeHub:
     a chunk store this does not imitate, so `child_env` turns it off): create the repo (a first commit holding
     `.gitattributes`), validate a README's metadata, say per file whether it goes inline or to LFS (preupload),
     hand out LFS upload and verify URLs (batch), take each object's PUT only when its bytes have the sha256 it is
-    named by, and commit an NDJSON of inline files and LFS pointers onto `main` as a new commit (`commits`,
-    `branches`). Writes need `token`.
+    named by, and commit an NDJSON of inline files, LFS pointers and deleted files onto `main` as a new commit
+    (`commits`, `branches`). Listing a revision's files (`HfApi.list_repo_files`) is the download side's tree.
+    Writes need `token`.
     """
 
     def __init__(self, files: dict[str, bytes] | None = None, chunk: int = 1 << 20, delay_s: float = 0.04, *,
@@ -288,6 +289,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         files = dict(hub.commits[parent])
         for line in lines[1:]:
             key, value = line.get("key"), line.get("value", {})
+            if key == "deletedFile":
+                # the Hub refuses to delete what the branch does not hold (`HfApi.delete_file` documents it)
+                if files.pop(value["path"], None) is None:
+                    return self._error(404, f"{value['path']}: no such file on {revision}.")
+                continue
             if key == "file" and value.get("encoding") == "base64":
                 data = base64.b64decode(value["content"])
                 if _needs_lfs(data[:512], len(data)):

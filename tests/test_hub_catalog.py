@@ -11,13 +11,16 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from pipeline.catalog_schema import file_sha256
 from tests.fake_hub import OFFLINE, ROOT, FakeHub, child_env, run_child
 
 REPO, COMMIT = "acme/songs", "fedcba9876543210fedcba9876543210fedcba98"
@@ -44,6 +47,15 @@ def push_child(folder: str, repo: str, token: str) -> None:
 
 def _load(hub: FakeHub | None, index_dir, hf_home, ref: str = REF) -> dict:
     return run_child(child, str(index_dir), ref, env=child_env(hub.endpoint if hub else OFFLINE, hf_home))
+
+
+def _push(hub: FakeHub, folder, hf_home) -> str:
+    return run_child(push_child, str(folder), REPO, TOKEN, env=child_env(hub.endpoint, hf_home))["ref"]
+
+
+def _build_of(published: dict[str, bytes]) -> dict[str, bytes]:
+    """A pushed commit's files less the two the push adds to any build: the Hub's `.gitattributes` and the card."""
+    return {name: data for name, data in published.items() if name not in (".gitattributes", "README.md")}
 
 
 def _files(index) -> dict[str, bytes]:
@@ -131,8 +143,7 @@ def test_offline_falls_back_with_a_note(small_index, tmp_path):
 def test_a_pushed_catalog_is_one_commit_that_the_app_then_loads_at_that_commit(hub_files, small_index, tmp_path):
     hub = FakeHub(delay_s=0, repo=REPO, repo_type="dataset", token=TOKEN)
     try:
-        ref = run_child(push_child, str(small_index), REPO, TOKEN,
-                        env=child_env(hub.endpoint, tmp_path / "push"))["ref"]
+        ref = _push(hub, small_index, tmp_path / "push")
         loaded = _load(hub, small_index, tmp_path / "hf", ref=ref)
     finally:
         hub.close()
@@ -140,8 +151,7 @@ def test_a_pushed_catalog_is_one_commit_that_the_app_then_loads_at_that_commit(h
     # the repo's first commit (made with the repo) and the catalog's, which is the one the ref pins
     assert repo == REPO and commit == hub.branches["main"] and len(hub.commits) == 2, (ref, hub.branches)
     published = hub.commits[commit]
-    assert {name: data for name, data in published.items() if name not in (".gitattributes", "README.md")} == \
-        hub_files
+    assert _build_of(published) == hub_files
     card = published["README.md"].decode()
     assert card.startswith("---\n") and yaml.safe_load(card.split("---\n")[1])["license"] == "odbl", card
     # the binary files went by LFS, each checked against its sha256 on arrival; the stand-in refuses them inline
@@ -150,6 +160,35 @@ def test_a_pushed_catalog_is_one_commit_that_the_app_then_loads_at_that_commit(h
     assert loaded["source"] == "hub" and loaded["note"] is None, loaded
     assert "datasets--acme--songs" in loaded["path"] and commit in loaded["path"]
     assert _files(Path(loaded["path"])) == published
+
+
+def test_a_push_replaces_the_previous_build_in_the_same_commit(hub_files, small_index, tmp_path):
+    # build A: the small catalog and one more file, listed in its manifest, that the later build B (the small
+    # catalog itself) no longer writes, as when a builder drops or renames a file
+    build_a = tmp_path / "a"
+    shutil.copytree(small_index, build_a)
+    dropped = "song_vectors.npy"
+    np.save(build_a / dropped, np.arange(64, dtype=np.float32).reshape(8, 8))
+    manifest = json.loads((build_a / "manifest.json").read_text())
+    manifest["files"][dropped] = {"sha256": file_sha256(build_a / dropped), "bytes": (build_a / dropped).stat().st_size}
+    (build_a / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    hub = FakeHub(delay_s=0, repo=REPO, repo_type="dataset", token=TOKEN)
+    try:
+        ref_a = _push(hub, build_a, tmp_path / "push")
+        ref_b = _push(hub, small_index, tmp_path / "push")
+        loaded = _load(hub, small_index, tmp_path / "hf", ref=ref_b)
+    finally:
+        hub.close()
+    commit_a, commit_b = ref_a.partition("@")[2], ref_b.partition("@")[2]
+    # one commit per push after the repo's first: B's deletion went in B's own commit
+    assert len(hub.commits) == 3 and hub.branches["main"] == commit_b, (ref_a, ref_b, hub.branches)
+    assert _build_of(hub.commits[commit_a]) == _files(build_a) and dropped in hub.commits[commit_a]
+    assert set(hub.commits[commit_b]) == set(hub_files) | {".gitattributes", "README.md"}
+    assert _build_of(hub.commits[commit_b]) == hub_files
+    # the app, pinned to B, gets B's files and never asks for the dropped one
+    assert loaded["source"] == "hub" and loaded["note"] is None, loaded
+    assert _files(Path(loaded["path"])) == hub.commits[commit_b]
+    assert not [path for method, path in hub.requests if path.endswith(dropped)]
 
 
 def test_publishing_without_a_token_stops_before_the_build_with_a_clear_message(tmp_path):
