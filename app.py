@@ -992,8 +992,9 @@ def build_layout(pipe: Pipeline, settings: Settings) -> tuple[gr.Blocks, Layout]
             with gr.Column(scale=7, min_width=280):
                 ui.audio_out = gr.Audio(label="Streaming as it is made", streaming=True, autoplay=True,
                                         interactive=False, elem_id="audio-out")
-                ui.download = gr.DownloadButton("Download WAV", visible=False, elem_id="download-wav")
+                # the status first: its "Done" line points at the download button below it
                 ui.gen_status = gr.Markdown(elem_id="generate-status")
+                ui.download = gr.DownloadButton("Download WAV", visible=False, elem_id="download-wav")
 
         gr.Markdown("### Songs that match")
         ui.tables = {}
@@ -1088,10 +1089,11 @@ def _music_player(prefix: str) -> gr.Audio:
 
 
 def _made_video(prefix: str, label: str) -> tuple:
-    """Where a made MP4 shows: its player, a download button that appears when it is ready, a status line."""
-    return (gr.Video(label=label, interactive=False, elem_id=f"{prefix}-video", height=360),
-            gr.DownloadButton("Download MP4", visible=False, elem_id=f"{prefix}-download"),
-            gr.Markdown(elem_id=f"{prefix}-status"))
+    """Where a made MP4 shows: its player, a status line, then a download button that appears when it is ready
+    (the status's "Download the MP4 below" points at it). Returned as (video, download, status)."""
+    video = gr.Video(label=label, interactive=False, elem_id=f"{prefix}-video", height=360)
+    status = gr.Markdown(elem_id=f"{prefix}-status")
+    return video, gr.DownloadButton("Download MP4", visible=False, elem_id=f"{prefix}-download"), status
 
 
 def _parts_and_songs(prefix: str, part: str, whole: str) -> tuple:

@@ -320,12 +320,14 @@ def test_share_as_video_is_one_click_after_generate(browser, live_app, artifacts
     duration.press("Enter")
     page.locator("#generate-btn").click()
     page.locator("#download-wav").wait_for(state="visible", timeout=TIMEOUT_MS)
+    _says_below_and_is_above("#generate-status", "#download-wav", page)
     page.get_by_role("tab", name="Video & album").click()
     page.get_by_role("tab", name="Share as video", exact=True).click()
     page.locator("#share-square input[type=checkbox]").check()
     page.locator("#share-btn").click()
     expect(page.locator("#share-status")).to_contain_text("✅", timeout=TIMEOUT_MS)
     page.locator("#share-video video").wait_for(timeout=TIMEOUT_MS)
+    _says_below_and_is_above("#share-status", "#share-download", page)
     page.screenshot(path=str(artifacts_dir / "share.png"), full_page=True)
     page.locator("#media-tabs").screenshot(path=str(artifacts_dir / "video-tab-share.png"))
     with page.expect_download(timeout=TIMEOUT_MS) as info:
@@ -337,6 +339,12 @@ def test_share_as_video_is_one_click_after_generate(browser, live_app, artifacts
     assert video["width"] == video["height"]  # square, as asked
     assert abs(float(facts["format"]["duration"]) - 2.0) <= 0.04 + 1e-6
     context.close()
+
+
+def _says_below_and_is_above(status: str, download: str, page) -> None:
+    """A "Done" status that says "Download … below" sits above its download button."""
+    assert "below" in page.locator(status).inner_text()
+    assert page.locator(status).bounding_box()["y"] < page.locator(download).bounding_box()["y"]
 
 
 def _box_inside(locator, width: int) -> dict:
@@ -411,3 +419,4 @@ def test_a_photo_from_a_link_is_fetched_and_analyzed_and_a_private_address_is_re
     expect(page.get_by_text(re.compile("private network")).first).to_be_visible(timeout=TIMEOUT_MS)
     assert seen == ["/holiday.jpg"]
     page.close()
+
