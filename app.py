@@ -222,7 +222,12 @@ def radar(features: dict | None, song: dict | None = None) -> go.Figure:
         values = [_radar_value(a, (song.get("features") or {}).get(a)) for a in axes]
         figure.add_trace(go.Scatterpolar(r=values, theta=labels, fill="toself", name=song["title"][:32],
                                          line={"color": "#f59e0b"}, opacity=0.7))
-    figure.update_layout(polar={"radialaxis": {"visible": True, "range": [0, 1], "showticklabels": False}},
+    # transparent, with see-through grey grid lines: the chart sits on the block's own colour in light and dark
+    # mode alike (style.css gives its text the page's text colour in dark mode)
+    grid = {"gridcolor": "rgba(128, 128, 128, 0.35)", "linecolor": "rgba(128, 128, 128, 0.35)"}
+    figure.update_layout(polar={"radialaxis": {"visible": True, "range": [0, 1], "showticklabels": False, **grid},
+                                "angularaxis": grid, "bgcolor": "rgba(128, 128, 128, 0.08)"},
+                         paper_bgcolor="rgba(0, 0, 0, 0)", plot_bgcolor="rgba(0, 0, 0, 0)",
                          margin={"l": 70, "r": 70, "t": 30, "b": 30}, height=320, showlegend=True,
                          legend={"orientation": "h", "y": -0.1})
     return figure

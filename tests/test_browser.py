@@ -420,3 +420,29 @@ def test_a_photo_from_a_link_is_fetched_and_analyzed_and_a_private_address_is_re
     assert seen == ["/holiday.jpg"]
     page.close()
 
+
+def test_dark_mode_banner_and_radar_are_readable(browser, live_app, artifacts_dir):
+    """Dark mode: the demo banner's words stand out from its background and the radar chart has no white box;
+    its top axes (dance, acoustic) are not hidden under its label."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, color_scheme="dark")
+    page.goto(live_app, wait_until="domcontentloaded")
+    contrast = page.locator("#demo-banner p").first.evaluate("""(p) => {
+        const rgb = (c) => c.match(/[0-9.]+/g).slice(0, 3).map(Number);
+        const lum = (c) => { const [r, g, b] = rgb(c).map((v) => { v /= 255;
+            return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; }); return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+        const block = document.querySelector('#demo-banner');
+        const [a, b] = [lum(getComputedStyle(p).color), lum(getComputedStyle(block).backgroundColor)];
+        return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05); }""")
+    assert contrast >= 4.5, contrast
+    page.locator("button.gallery-item:has(img[src*='grace_hopper'])").click(timeout=TIMEOUT_MS)
+    expect(page.locator("#mood-radar text").filter(has_text="acoustic")).to_have_count(1, timeout=TIMEOUT_MS)
+    background = page.locator("#mood-radar .main-svg").first.evaluate("(svg) => getComputedStyle(svg).backgroundColor")
+    assert background in ("rgba(0, 0, 0, 0)", "transparent"), background
+    label = page.locator("#mood-radar label").first.bounding_box()
+    for name in ("dance", "acoustic", "energy"):
+        box = page.locator("#mood-radar text").filter(has_text=name).first.bounding_box()
+        assert box["y"] >= label["y"] + label["height"], (name, box, label)
+    page.locator("#mood-radar").screenshot(path=str(artifacts_dir / "radar-dark.png"))
+    page.close()
