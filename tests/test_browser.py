@@ -390,6 +390,10 @@ def test_why_is_on_screen_on_a_laptop_and_on_a_phone(browser, live_app, artifact
         _box_inside(cells.nth(shown), 390)
     for hidden in (0, 3, 4, 5):
         assert not cells.nth(hidden).is_visible()
+    # a hidden column's text must not stand a letter a line in a 0-px cell, stretching every row
+    heights = [box["height"] for box in (r.bounding_box() for r in
+                                          page.locator("#songs-fused [role=row][aria-rowindex]").all()[1:6]) if box]
+    assert heights and max(heights) < 260, heights
     page.screenshot(path=str(artifacts_dir / "songs-phone.png"))
     page.close()
 
@@ -445,4 +449,19 @@ def test_dark_mode_banner_and_radar_are_readable(browser, live_app, artifacts_di
         box = page.locator("#mood-radar text").filter(has_text=name).first.bounding_box()
         assert box["y"] >= label["y"] + label["height"], (name, box, label)
     page.locator("#mood-radar").screenshot(path=str(artifacts_dir / "radar-dark.png"))
+    page.close()
+
+
+def test_phone_status_table_and_video_tabs_fit(browser, live_app):
+    """On a 390 px phone the status table stays a table of words, not a column of single letters thousands of
+    pixels tall, and Share as video, Album and Score a video are all in sight (none behind "More tabs")."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page.goto(live_app, wait_until="domcontentloaded")
+    footer = page.locator("#status-footer")
+    footer.get_by_text("music model").first.wait_for(timeout=TIMEOUT_MS)
+    assert footer.bounding_box()["height"] < 1200, footer.bounding_box()
+    page.get_by_role("tab", name="Video & album").click()
+    expect(page.get_by_role("tab", name="Score a video", exact=True)).to_be_visible()
     page.close()
