@@ -222,7 +222,12 @@ def radar(features: dict | None, song: dict | None = None) -> go.Figure:
         values = [_radar_value(a, (song.get("features") or {}).get(a)) for a in axes]
         figure.add_trace(go.Scatterpolar(r=values, theta=labels, fill="toself", name=song["title"][:32],
                                          line={"color": "#f59e0b"}, opacity=0.7))
-    figure.update_layout(polar={"radialaxis": {"visible": True, "range": [0, 1], "showticklabels": False}},
+    # transparent, with see-through grey grid lines: the chart sits on the block's own colour in light and dark
+    # mode alike (style.css gives its text the page's text colour in dark mode)
+    grid = {"gridcolor": "rgba(128, 128, 128, 0.35)", "linecolor": "rgba(128, 128, 128, 0.35)"}
+    figure.update_layout(polar={"radialaxis": {"visible": True, "range": [0, 1], "showticklabels": False, **grid},
+                                "angularaxis": grid, "bgcolor": "rgba(128, 128, 128, 0.08)"},
+                         paper_bgcolor="rgba(0, 0, 0, 0)", plot_bgcolor="rgba(0, 0, 0, 0)",
                          margin={"l": 70, "r": 70, "t": 30, "b": 30}, height=320, showlegend=True,
                          legend={"orientation": "h", "y": -0.1})
     return figure
@@ -992,8 +997,9 @@ def build_layout(pipe: Pipeline, settings: Settings) -> tuple[gr.Blocks, Layout]
             with gr.Column(scale=7, min_width=280):
                 ui.audio_out = gr.Audio(label="Streaming as it is made", streaming=True, autoplay=True,
                                         interactive=False, elem_id="audio-out")
-                ui.download = gr.DownloadButton("Download WAV", visible=False, elem_id="download-wav")
+                # the status first: its "Done" line points at the download button below it
                 ui.gen_status = gr.Markdown(elem_id="generate-status")
+                ui.download = gr.DownloadButton("Download WAV", visible=False, elem_id="download-wav")
 
         gr.Markdown("### Songs that match")
         ui.tables = {}
@@ -1088,10 +1094,11 @@ def _music_player(prefix: str) -> gr.Audio:
 
 
 def _made_video(prefix: str, label: str) -> tuple:
-    """Where a made MP4 shows: its player, a download button that appears when it is ready, a status line."""
-    return (gr.Video(label=label, interactive=False, elem_id=f"{prefix}-video", height=360),
-            gr.DownloadButton("Download MP4", visible=False, elem_id=f"{prefix}-download"),
-            gr.Markdown(elem_id=f"{prefix}-status"))
+    """Where a made MP4 shows: its player, a status line, then a download button that appears when it is ready
+    (the status's "Download the MP4 below" points at it). Returned as (video, download, status)."""
+    video = gr.Video(label=label, interactive=False, elem_id=f"{prefix}-video", height=360)
+    status = gr.Markdown(elem_id=f"{prefix}-status")
+    return video, gr.DownloadButton("Download MP4", visible=False, elem_id=f"{prefix}-download"), status
 
 
 def _parts_and_songs(prefix: str, part: str, whole: str) -> tuple:

@@ -320,12 +320,14 @@ def test_share_as_video_is_one_click_after_generate(browser, live_app, artifacts
     duration.press("Enter")
     page.locator("#generate-btn").click()
     page.locator("#download-wav").wait_for(state="visible", timeout=TIMEOUT_MS)
+    _says_below_and_is_above("#generate-status", "#download-wav", page)
     page.get_by_role("tab", name="Video & album").click()
     page.get_by_role("tab", name="Share as video", exact=True).click()
     page.locator("#share-square input[type=checkbox]").check()
     page.locator("#share-btn").click()
     expect(page.locator("#share-status")).to_contain_text("✅", timeout=TIMEOUT_MS)
     page.locator("#share-video video").wait_for(timeout=TIMEOUT_MS)
+    _says_below_and_is_above("#share-status", "#share-download", page)
     page.screenshot(path=str(artifacts_dir / "share.png"), full_page=True)
     page.locator("#media-tabs").screenshot(path=str(artifacts_dir / "video-tab-share.png"))
     with page.expect_download(timeout=TIMEOUT_MS) as info:
@@ -337,6 +339,12 @@ def test_share_as_video_is_one_click_after_generate(browser, live_app, artifacts
     assert video["width"] == video["height"]  # square, as asked
     assert abs(float(facts["format"]["duration"]) - 2.0) <= 0.04 + 1e-6
     context.close()
+
+
+def _says_below_and_is_above(status: str, download: str, page) -> None:
+    """A "Done" status that says "Download … below" sits above its download button."""
+    assert "below" in page.locator(status).inner_text()
+    assert page.locator(status).bounding_box()["y"] < page.locator(download).bounding_box()["y"]
 
 
 def _box_inside(locator, width: int) -> dict:
@@ -382,6 +390,10 @@ def test_why_is_on_screen_on_a_laptop_and_on_a_phone(browser, live_app, artifact
         _box_inside(cells.nth(shown), 390)
     for hidden in (0, 3, 4, 5):
         assert not cells.nth(hidden).is_visible()
+    # a hidden column's text must not stand a letter a line in a 0-px cell, stretching every row
+    heights = [box["height"] for box in (r.bounding_box() for r in
+                                          page.locator("#songs-fused [role=row][aria-rowindex]").all()[1:6]) if box]
+    assert heights and max(heights) < 260, heights
     page.screenshot(path=str(artifacts_dir / "songs-phone.png"))
     page.close()
 
@@ -410,4 +422,46 @@ def test_a_photo_from_a_link_is_fetched_and_analyzed_and_a_private_address_is_re
     page.locator("#image-url-btn").click()
     expect(page.get_by_text(re.compile("private network")).first).to_be_visible(timeout=TIMEOUT_MS)
     assert seen == ["/holiday.jpg"]
+    page.close()
+
+
+def test_dark_mode_banner_and_radar_are_readable(browser, live_app, artifacts_dir):
+    """Dark mode: the demo banner's words stand out from its background and the radar chart has no white box;
+    its top axes (dance, acoustic) are not hidden under its label."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, color_scheme="dark")
+    page.goto(live_app, wait_until="domcontentloaded")
+    contrast = page.locator("#demo-banner p").first.evaluate("""(p) => {
+        const rgb = (c) => c.match(/[0-9.]+/g).slice(0, 3).map(Number);
+        const lum = (c) => { const [r, g, b] = rgb(c).map((v) => { v /= 255;
+            return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; }); return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+        const block = document.querySelector('#demo-banner');
+        const [a, b] = [lum(getComputedStyle(p).color), lum(getComputedStyle(block).backgroundColor)];
+        return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05); }""")
+    assert contrast >= 4.5, contrast
+    page.locator("button.gallery-item:has(img[src*='grace_hopper'])").click(timeout=TIMEOUT_MS)
+    expect(page.locator("#mood-radar text").filter(has_text="acoustic")).to_have_count(1, timeout=TIMEOUT_MS)
+    background = page.locator("#mood-radar .main-svg").first.evaluate("(svg) => getComputedStyle(svg).backgroundColor")
+    assert background in ("rgba(0, 0, 0, 0)", "transparent"), background
+    label = page.locator("#mood-radar label").first.bounding_box()
+    for name in ("dance", "acoustic", "energy"):
+        box = page.locator("#mood-radar text").filter(has_text=name).first.bounding_box()
+        assert box["y"] >= label["y"] + label["height"], (name, box, label)
+    page.locator("#mood-radar").screenshot(path=str(artifacts_dir / "radar-dark.png"))
+    page.close()
+
+
+def test_phone_status_table_and_video_tabs_fit(browser, live_app):
+    """On a 390 px phone the status table stays a table of words, not a column of single letters thousands of
+    pixels tall, and Share as video, Album and Score a video are all in sight (none behind "More tabs")."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page.goto(live_app, wait_until="domcontentloaded")
+    footer = page.locator("#status-footer")
+    footer.get_by_text("music model").first.wait_for(timeout=TIMEOUT_MS)
+    assert footer.bounding_box()["height"] < 1200, footer.bounding_box()
+    page.get_by_role("tab", name="Video & album").click()
+    expect(page.get_by_role("tab", name="Score a video", exact=True)).to_be_visible()
     page.close()
