@@ -80,9 +80,9 @@ class FastMusicLM:
         self.max_positions = decoder.embed_positions.weights.shape[0]
 
         def decoder_linears(block):  # what `pack` is given for one layer, in the order it is given
-            return [[block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj], [block.self_attn.out_proj],
-                    [block.encoder_attn.q_proj], [block.encoder_attn.out_proj], [block.encoder_attn.k_proj],
-                    [block.encoder_attn.v_proj], [block.fc1], [block.fc2]]
+            attn, cross = block.self_attn, block.encoder_attn
+            return [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.out_proj], [cross.q_proj], [cross.out_proj],
+                    [cross.k_proj], [cross.v_proj], [block.fc1], [block.fc2]]
 
         # `packs` (a `packcache.PackEntry` for this checkpoint, format, code and CPU): the matrices as packed at an
         # earlier start, in the order `pack` is called below; then the fp32 decoder weights are never read
