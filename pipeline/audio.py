@@ -24,13 +24,23 @@ LIMIT = 0.891  # -1 dBFS: above this the soft limiter bends the signal
 DC_POLE = 0.999  # y[n] = x[n] - x[n-1] + DC_POLE * y[n-1]: -3 dB at ~5 Hz for 32 kHz audio
 
 
+# How much longer a streamed chunk may be than the one before. A listener starts playing at the first chunk; chunk
+# i + 1 arrives r * (its length) of compute later (r: the real-time factor), while the player still holds what came
+# before it. Chunks that grow by 1 / 0.8 keep arriving in time while r <= 0.8; a jump from 0.5 s straight to 1 s
+# made two listeners at RTF 0.6 wait at their second chunk.
+STREAM_RAMP = 1.25
+
+
 def chunk_grid(n_frames: int, first: int, size: int) -> list[tuple[int, int]]:
-    """[start, end) frame ranges of the streamed chunks: one of `first` frames, then `size` each."""
+    """[start, end) frame ranges of the streamed chunks: `first` frames, then each up to `STREAM_RAMP` times the
+    one before, until `size`."""
     bounds, start, width = [], 0, max(1, first)
+    size = max(1, size)
     while start < n_frames:
         end = min(n_frames, start + width)
         bounds.append((start, end))
-        start, width = end, max(1, size)
+        start = end
+        width = size if width >= size else min(size, max(width + 1, int(width * STREAM_RAMP)))
     return bounds
 
 

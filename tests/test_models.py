@@ -170,6 +170,33 @@ def test_stream_equals_batch(pipeline):
     assert reference.shape == streamed.shape and np.max(np.abs(streamed - reference)) < 1e-5
 
 
+def _waits(grid, rtf: float) -> float:
+    """Seconds a listener waits in all, playing from the first chunk, when each chunk takes rtf x its length."""
+    made = played = waited = 0.0
+    for i, (start, end) in enumerate(grid):
+        made += rtf * (end - start) / 50
+        if i == 0:
+            played = made  # playback starts when the first chunk is there
+        waited += max(0.0, made - played)
+        played = max(played, made) + (end - start) / 50
+    return waited
+
+
+@pytest.mark.parametrize("first, size", [(25, 50), (10, 50), (25, 250), (60, 50)])
+def test_streamed_chunks_grow_so_that_playback_never_waits(first, size):
+    from pipeline.audio import STREAM_RAMP, chunk_grid
+
+    grid = chunk_grid(30 * 50 + 7, first, size)
+    assert grid[0] == (0, first) and grid[-1][1] == 30 * 50 + 7
+    assert all(a[1] == b[0] for a, b in zip(grid, grid[1:]))
+    widths = [end - start for start, end in grid[:-1]]
+    assert max(widths) == max(first, size)
+    assert all(b <= a * STREAM_RAMP if a < size else b == size for a, b in zip(widths, widths[1:]))
+    assert _waits(grid, 1 / STREAM_RAMP) < 1e-9 and _waits(grid, 0.6) == 0.0
+    # a jump straight from the first chunk to the longest made a listener at RTF 0.6 wait
+    assert _waits([(0, 25), (25, 75), (75, 125)], 0.6) > 0.05
+
+
 @pytest.mark.parametrize("seconds", [1.0, 2.3, 4.0])
 def test_duration_is_accurate_to_a_frame(pipeline, seconds):
     music = pipeline.generate("ambient", seconds, seed=1, write=False)
