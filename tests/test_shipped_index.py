@@ -38,6 +38,16 @@ def test_counts_meet_the_targets(shipped):
     assert keys.duplicated().mean() < 0.01  # near-duplicates left are different songs with similar names
 
 
+def test_the_readme_states_the_shipped_counts(shipped):
+    readme = (ROOT / "README.md").read_text()
+    stated = re.search(r"`index/` holds ([\d,]+) unique songs: \*\*([\d,]+) with all 13 audio features, ([\d,]+) with "
+                       r"lyric embeddings, ([\d,]+)\s+with both\*\*, ([\d,]+) lyric passages", readme)
+    assert stated, "the README's catalog paragraph changed shape"
+    numbers = [int(n.replace(",", "")) for n in stated.groups()]
+    counts = json.loads((INDEX / "manifest.json").read_text())["counts"]
+    assert numbers == [counts[k] for k in ("songs", "with_features", "with_lyrics", "with_both", "passages")]
+
+
 def test_manifest_describes_the_build():
     manifest = json.loads((INDEX / "manifest.json").read_text())
     assert manifest["schema_version"] == SCHEMA_VERSION
