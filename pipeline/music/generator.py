@@ -285,7 +285,8 @@ class MusicGenerator:
                                for a, b in chunk_grid(codes.shape[-1], self.first_chunk_frames, self.chunk_frames)])
 
     def stream(self, request: MusicRequest, cancel: threading.Event | None = None) -> Iterator[AudioChunk]:
-        """Audio chunks as soon as they are final: the first after `first_chunk_s`, then every `stream_chunk_s`."""
+        """Audio chunks as soon as they are final: the first of `first_chunk_s`, then longer ones up to
+        `stream_chunk_s` (`audio.chunk_grid`)."""
         return self._chunks(request, cancel, None)
 
     def _chunks(self, request: MusicRequest, cancel: threading.Event | None,
