@@ -261,12 +261,13 @@ def _sampling(temperature, top_k, top_p, guidance) -> dict:
     return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "guidance_scale": guidance}
 
 
-def keep_place(ticket) -> None:
-    """Tell the fair line this request is still being read; one whose place was reclaimed (its reader vanished
-    for longer than the lease) stops here."""
+def keep_place(ticket, chunk=None) -> None:
+    """Tell the fair line this request is still being read (and, given its latest chunk, how much music it has
+    made, from which the line estimates the wait of those behind); one whose place was reclaimed (its reader
+    vanished for longer than the lease) stops here."""
     if ticket.expired:
         raise Cancelled("This request was dropped: nothing read its music for too long.")
-    ticket.touch()
+    ticket.touch(None if chunk is None else chunk.start_s + chunk.samples.shape[0] / chunk.sample_rate)
 
 
 class Background:
@@ -348,10 +349,9 @@ class Background:
             raise self._error
 
 
-def line_status(position: int) -> str:
-    ahead = position - 1
-    return (f"⏳ In line for the music engine: {ahead} request{'s' if ahead != 1 else ''} ahead of yours. "
-            "It starts by itself; keep this page open.")
+def line_status(ticket) -> str:
+    """What a waiting visitor sees: how many requests are ahead (being made and waiting) and the expected wait."""
+    return f"⏳ {ticket.line().text()} It starts by itself; keep this page open."
 
 
 def client_id(request: gr.Request | None, trusted_proxies: int = 1) -> str:
@@ -500,15 +500,16 @@ class Handlers:
         if truncated:
             gr.Warning(f"The prompt was cut to {limit} characters.")
         hidden = gr.update(visible=False, value=None)
-        with self.pipe.music_ticket(client_id(request, self.settings.trusted_proxies)) as ticket:
+        seconds = None if endless else music.duration_s
+        with self.pipe.music_ticket(client_id(request, self.settings.trusted_proxies), seconds) as ticket:
             # waiting is a loop of yields: a visitor who leaves the page is dropped from the line at once
             while not ticket.wait(LINE_POLL_S):
-                yield None, hidden, line_status(ticket.position), gr.skip()
+                yield None, hidden, line_status(ticket), gr.skip()
             try:
                 yield None, hidden, f"⏳ Starting… seed {music.seed}{note}", gr.skip()
                 parts, rate, clip_id = [], None, ""
                 for chunk in self.run_stream(prompt, duration_s, seed, sampling, endless, continue_from):
-                    keep_place(ticket)
+                    keep_place(ticket, chunk)
                     parts.append(chunk.samples)
                     rate, clip_id = chunk.sample_rate, chunk.clip_id
                     made = chunk.start_s + chunk.samples.shape[0] / chunk.sample_rate
@@ -672,20 +673,23 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
     def _chunks(prompt, duration_s, seed, sampling, endless=False, continue_from=None):
         yield from pipe.stream(prompt, duration_s, seed, endless=endless, continue_from=continue_from, **sampling)
 
-    def _in_line(request, make_chunks, per_chunk):
+    def _in_line(request, make_chunks, per_chunk, seconds):
         """Wait in the fair line, then run the chunks: a generator that yields while it waits and works, so that
-        Gradio can drop it (freeing its place and its compute) as soon as the caller disconnects."""
-        with pipe.music_ticket(client_id(request, settings.trusted_proxies)) as ticket:
+        Gradio can drop it (freeing its place and its compute) as soon as the caller disconnects. `seconds`: the
+        music asked for (None when endless), for the wait others are shown."""
+        with pipe.music_ticket(client_id(request, settings.trusted_proxies), seconds) as ticket:
             while not ticket.wait(LINE_POLL_S):
                 yield None
             for chunk in make_chunks():
-                keep_place(ticket)
+                keep_place(ticket, chunk)
                 yield per_chunk(chunk)
 
-    def _checked(prompt, duration_s, seed, sampling, **kwargs):
-        _, truncated = pipe.music_request(prompt, duration_s, seed, **kwargs, **sampling)
+    def _checked(prompt, duration_s, seed, sampling, endless=False, **kwargs) -> float | None:
+        """Check a music request before it waits in line; the seconds of music it asks for (None when endless)."""
+        music, truncated = pipe.music_request(prompt, duration_s, seed, endless=endless, **kwargs, **sampling)
         if truncated:
             gr.Warning(f"The prompt was cut to {settings.max_prompt_chars} characters.")
+        return None if endless else music.duration_s
 
     @friendly
     def generate(prompt: str, duration_s: float = settings.default_duration_s, seed: int = 0,
@@ -705,14 +709,14 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
             guidance_scale: classifier-free guidance, how strongly the prompt steers (1 = off).
         """
         sampling = _sampling(temperature, top_k, top_p, guidance_scale)
-        _checked(prompt, duration_s, seed, sampling)
+        seconds = _checked(prompt, duration_s, seed, sampling)
         parts, rate = [], []
         for _ in _in_line(request, lambda: _chunks(prompt, duration_s, seed, sampling),
-                          lambda chunk: (parts.append(chunk.samples), rate.append(chunk.sample_rate))):
+                          lambda chunk: (parts.append(chunk.samples), rate.append(chunk.sample_rate)), seconds):
             yield None  # `predict` returns the final file
         yield FileData(path=str(pipe.save_audio(parts, rate[-1])))
 
-    def _streamed(make_chunks, request):
+    def _streamed(make_chunks, request, seconds):
         """Chunk events for /stream and /extend: each a small WAV; the last also carries the whole clip's WAV and
         its clip_id, which /extend continues."""
         parts = []
@@ -726,7 +730,7 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
                 item["wav"] = FileData(path=str(pipe.save_audio(parts, chunk.sample_rate)))
             return item
 
-        for item in _in_line(request, make_chunks, event):
+        for item in _in_line(request, make_chunks, event, seconds):
             if item is not None:
                 yield item
 
@@ -750,8 +754,8 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
             endless: keep streaming until the job is cancelled (at most the app's endless limit).
         """
         sampling = _sampling(temperature, top_k, top_p, guidance_scale)
-        _checked(prompt, duration_s, seed, sampling, endless=endless)
-        yield from _streamed(lambda: _chunks(prompt, duration_s, seed, sampling, endless), request)
+        seconds = _checked(prompt, duration_s, seed, sampling, endless=endless)
+        yield from _streamed(lambda: _chunks(prompt, duration_s, seed, sampling, endless), request, seconds)
 
     @friendly
     def extend(clip_id: str, duration_s: float = settings.default_duration_s, prompt: str = "", seed: int = 0,
@@ -774,8 +778,9 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
             endless: keep streaming until the job is cancelled.
         """
         sampling = _sampling(temperature, top_k, top_p, guidance_scale)
-        _checked(prompt or None, duration_s, seed, sampling, endless=endless, continue_from=clip_id)
-        yield from _streamed(lambda: _chunks(prompt or None, duration_s, seed, sampling, endless, clip_id), request)
+        seconds = _checked(prompt or None, duration_s, seed, sampling, endless=endless, continue_from=clip_id)
+        yield from _streamed(lambda: _chunks(prompt or None, duration_s, seed, sampling, endless, clip_id), request,
+                             seconds)
 
     @friendly
     def recommend(text: str = "", k: int = 10, features: dict | list | str | None = None,

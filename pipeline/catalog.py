@@ -84,8 +84,9 @@ class Catalog:
         self._feature_vectors: np.ndarray | None = None
         self._vectors_lock = threading.Lock()
 
-        self._titles = songs["title"].tolist()
-        self._artists = songs["artist"].tolist()
+        # catalogs built before build_index tidied the title-cased sources' names carry "Don'T" and "I'Ll"
+        self._titles = [schema.tidy_name(t) for t in songs["title"].tolist()]
+        self._artists = [schema.tidy_name(a) for a in songs["artist"].tolist()]
         self._years = [None if y is None or (isinstance(y, float) and math.isnan(y)) else int(y)
                        for y in songs["year"].tolist()]
         self._genres = _labels(songs["genres"])

@@ -24,7 +24,19 @@ TOPICS = "topics.npy"  # per song with lyrics: its lyric-topic profile (`manifes
 TOPIC_MODEL = "topic_model.npy"  # one prototype embedding per topic, to read a query's topics
 REQUIRED_FILES = (SONGS, FEATURE_IDS, FEATURE_INDEX, PASSAGE_IDS, PASSAGE_INDEX, BAGS, TOPICS, TOPIC_MODEL)
 
-__all__ = ["SCHEMA_VERSION", "REQUIRED_FILES", "file_sha256", "words", "stem", "spotify_id"]
+__all__ = ["SCHEMA_VERSION", "REQUIRED_FILES", "file_sha256", "words", "stem", "spotify_id", "tidy_name"]
+
+# str.title() capitalises after an apostrophe: "Don'T", "Mattie'S Rag", "I'Ll". Only English contractions and the
+# possessive are put back in lower case, so names such as "O'Connor" or "D'Arienzo" keep their capital.
+_TITLED_CONTRACTION = re.compile(r"(?<=[a-z])'(?:S|T|D|M|Ll|Re|Ve)\b|\bI'(?:D|M|Ll|Ve)\b")
+
+
+def tidy_name(text: str) -> str:
+    """A title or an artist as `str.title()` wrote it, without the capitals it puts after an apostrophe
+    ("You'Ve Got A Cold" → "You've Got A Cold"); other text is returned as it is."""
+    if "'" not in text:
+        return text
+    return _TITLED_CONTRACTION.sub(lambda m: m.group(0)[0] + m.group(0)[1:].lower(), text)
 
 _WORD = re.compile(r"[a-z0-9']+")
 # Spotify's track ids: 22 base-62 characters. Anything else never reaches a link or the embedded player.

@@ -384,10 +384,11 @@ class Pipeline:
         generator = self._get(MUSIC)
         return generator.n_frames(float(seconds)) / generator.frame_rate
 
-    def music_ticket(self, client: str) -> Ticket:
-        """A place in the fair line for music (`fairness.py`): hold it in a `with` block around the generation;
-        raises ClientBusy when this client already holds its share."""
-        return self._music_gate.enter(client)
+    def music_ticket(self, client: str, seconds: float | None = None) -> Ticket:
+        """A place in the fair line for music (`fairness.py`) asking for `seconds` of music (None: endless): hold it
+        in a `with` block around the generation, touching it with the seconds made; raises ClientBusy when this
+        client already holds its share."""
+        return self._music_gate.enter(client, seconds)
 
     @property
     def music_line(self) -> dict[str, int]:

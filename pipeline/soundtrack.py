@@ -90,10 +90,9 @@ def music_in_parts(pipe: Pipeline, prompts: Sequence[str], lengths: Sequence[flo
     total = float(sum(lengths))
     parts, ends, rate, clip_id = [], [], 0, None
     heard = 0
-    with pipe.music_ticket(client) as ticket:
+    with pipe.music_ticket(client, total) as ticket:
         while not ticket.wait(LINE_POLL_S):
-            ahead = ticket.position - 1
-            stages.say(low, f"In line for the music engine: {ahead} request{'s' if ahead != 1 else ''} ahead.")
+            stages.say(low, ticket.line().text())
         stages.say(low, f"Making the music: 0.0 of {total:.1f} s.")
         made = 0.0
         for k, (prompt, seconds) in enumerate(zip(prompts, lengths)):
@@ -105,7 +104,7 @@ def music_in_parts(pipe: Pipeline, prompts: Sequence[str], lengths: Sequence[flo
                 for chunk in chunks:
                     if ticket.expired:
                         raise Cancelled("This request was dropped: nothing read its progress for too long.")
-                    ticket.touch()
+                    ticket.touch(made + chunk.samples.shape[0] / chunk.sample_rate)
                     parts.append(chunk.samples)
                     rate, clip_id = chunk.sample_rate, chunk.clip_id
                     if listen is not None:

@@ -271,7 +271,8 @@ def read_billboard_lyrics(path: Path) -> list[Record]:
     records = []
     for row in table.itertuples(index=False):
         lyrics = row.Lyrics if isinstance(row.Lyrics, str) else None
-        records.append(Record(title=str(row.Song).title(), artist=str(row.Artist).title(),
+        records.append(Record(title=schema.tidy_name(str(row.Song).title()),
+                              artist=schema.tidy_name(str(row.Artist).title()),
                               source="billboard_lyrics", year=_year(row.Year), lyrics=lyrics,
                               lyrics_source="billboard_lyrics"))
     return records
@@ -284,7 +285,8 @@ def read_tcc_ceds(path: Path) -> list[Record]:
         # min-max scaled in the source; the 0-1 features keep their meaning, loudness (scaled dB) does not
         feats = {f: _num(getattr(row, f)) for f in ("danceability", "acousticness", "instrumentalness",
                                                     "valence", "energy")}
-        records.append(Record(title=str(row.track_name).title(), artist=str(row.artist_name).title(),
+        records.append(Record(title=schema.tidy_name(str(row.track_name).title()),
+                              artist=schema.tidy_name(str(row.artist_name).title()),
                               source="tcc_ceds", year=_year(row.release_date), genres=(row.genre,),
                               features={k: v for k, v in feats.items() if v is not None},
                               lyrics=row.lyrics if isinstance(row.lyrics, str) else None, lyrics_source="tcc_ceds",

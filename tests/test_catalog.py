@@ -1,5 +1,6 @@
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -606,3 +607,12 @@ def test_an_embedder_folder_of_another_kind_goes_to_sentence_transformers(embedd
     assert type(lowered._model).__name__ == "SentenceTransformer"  # lower-casing is not what the fast path does
     np.testing.assert_allclose(lowered.encode(["RAIN ON THE WINDOW"]), embedder.encode(["rain on the window"]),
                                atol=1e-5)
+
+
+def test_the_build_writes_titles_without_a_capital_after_an_apostrophe(small_index):
+    """The title-cased sources (Billboard lyrics, the TCC set) went through str.title(), which wrote "Don'T"."""
+    songs = pd.read_parquet(small_index / "songs.parquet", columns=["title", "artist"])
+    contraction = re.compile(r"[a-z]'(S|T|D|M|Ll|Re|Ve)\b|\bI'(D|M|Ll|Ve)\b")
+    assert songs.title.str.contains("'").sum() > 10  # the slice has names with apostrophes to check
+    assert not [t for t in songs.title if contraction.search(t)]
+    assert not [a for a in songs.artist if contraction.search(a)]

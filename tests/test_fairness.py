@@ -139,3 +139,56 @@ def test_a_place_nobody_touches_is_reclaimed_and_its_holder_told():
     assert held.expired and not waiting.expired and waiting.wait(0)
     gate.leave(held)  # a late exit is harmless
     assert gate.counts == {"running": 1, "waiting": 0}
+
+
+def test_a_waiting_request_is_told_what_is_ahead_and_about_how_long_it_waits():
+    gate = FairGate(capacity=1, per_client=2)
+    running, first, second = gate.enter("a", 60.0), gate.enter("b", 30.0), gate.enter("c", 10.0)
+    place = first.line()
+    assert (place.position, place.running, place.waiting_ahead, place.ahead) == (1, 1, 0, 1)
+    assert place.wait_s is None and "1 request ahead of yours (1 being made, 0 waiting)" in place.text()
+    running.started -= 10.0  # made 20 s of its 60 s in 10 s: 2 s of music a second, 20 s to go
+    running.touch(made=20.0)
+    assert first.line().wait_s == pytest.approx(20.0, abs=0.5)
+    place = second.line()  # then the 30 s ahead of it: 15 s more
+    assert (place.ahead, place.wait_s) == (2, pytest.approx(35.0, abs=0.5))
+    assert "2 requests ahead of yours (1 being made, 1 waiting); expected wait about 35 s." in place.text()
+    assert running.line().ahead == 0
+    endless = gate.enter("b")  # endless: it is told its wait, those after it cannot be
+    after = gate.enter("d")
+    assert endless.line().wait_s == pytest.approx(35.0 + 5.0, abs=0.5) and after.line().wait_s is None
+    assert "expected wait shows once" in after.line().text()
+    for t in (running, first, second, endless, after):
+        gate.leave(t)
+
+
+def test_the_page_says_what_is_ahead_in_the_line_and_the_expected_wait(fair_app):
+    url, pipe = fair_app
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_browser import CHROMIUM, FLAGS
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            pages = []
+            for i in range(2):
+                context = browser.new_context(extra_http_headers={"X-Forwarded-For": f"203.0.113.{20 + i}"})
+                page = context.new_page()
+                page.goto(url)
+                page.locator("#prompt textarea").fill(f"slow drone {i}")
+                duration = page.locator("#duration input[type=number]")
+                duration.fill("300")
+                duration.press("Enter")
+                pages.append(page)
+            pages[0].click("#generate-btn")
+            assert _wait_until(lambda: pipe.music_line["running"] == 1)
+            pages[1].click("#generate-btn")
+            status = pages[1].locator("#generate-status")
+            status.filter(has_text="expected wait about").wait_for(timeout=30000)
+            assert "1 request ahead of yours (1 being made, 0 waiting)" in status.inner_text()
+            for page in pages:
+                page.click("#stop-btn")
+            assert _wait_until(lambda: pipe.music_line == {"running": 0, "waiting": 0})
+        finally:
+            browser.close()

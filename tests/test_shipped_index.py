@@ -147,3 +147,18 @@ def test_the_documented_use_works_without_attaching_an_embedder():
     catalog = Catalog.load(INDEX)
     found = catalog.search_lyrics("driving through the city at night with the windows down", k=3)
     assert len(found) == 3 and all(0.0 <= m.score <= 1.0 and m.why for m in found)
+
+
+def test_names_have_no_capital_after_an_apostrophe(shipped):
+    """Billboard's and the TCC set's names are title-cased by the build; str.title() wrote "Don'T" and
+    "Mattie'S Rag", which the lyric list showed. The catalog shows them as "Don't" and "Mattie's Rag"."""
+    from pipeline.catalog_schema import tidy_name
+
+    assert tidy_name("I'Ll See You When We'Re Both Not So Emotional") == "I'll See You When We're Both Not So Emotional"
+    assert tidy_name("Mattie'S Rag") == "Mattie's Rag" and tidy_name("Don'T Back Down") == "Don't Back Down"
+    for name in ("Tony O'Connor", "Juan D'Arienzo", "Rim'K", "Gul l'Abi", "DON'T", "Rock'N'Roll"):
+        assert tidy_name(name) == name  # names, not contractions, keep their capitals
+    contraction = re.compile(r"[a-z]'(S|T|D|M|Ll|Re|Ve)\b|\bI'(D|M|Ll|Ve)\b")
+    assert not [t for t in shipped.titles if contraction.search(t)]
+    assert not [a for a in shipped.artists if contraction.search(a)]
+    assert "Mattie's Rag" in shipped.titles and "I'd Rather Drink Muddy Water" in shipped.titles
