@@ -330,6 +330,42 @@ def test_the_scalar_and_avx2_paths_agree_with_the_fast_one(cache_dir, tmp_path):
             assert torch.allclose(other.linear(x, packed), expected, rtol=1e-4, atol=1e-4), (bits, flags)
 
 
+def test_the_largest_codes_and_activations_do_not_saturate_and_rows_do_not_interact(cache_dir, tmp_path):
+    """Without VNNI the u8 x s8 products are summed in 16-bit lanes, four instructions at a time before they are
+    widened (4 * 2 * 31 * 127 = 31,496 <= 32,767). The largest codes against the largest activations of either sign
+    must give the exact sums on every build, and a row's result must not depend on how many rows share the call
+    (up to four share one unpacking of the weights)."""
+    import ctypes
+    import shutil
+
+    from pipeline.music import native as native_kernels
+    from pipeline.music.native import PackedLowBit, load_kernel
+
+    kernel = load_kernel(str(cache_dir))
+    if kernel is None or (shutil.which("cc") is None and shutil.which("gcc") is None):
+        pytest.skip("no native kernel here")
+    weight = torch.ones(48, 1024)
+    weight[:, ::32] = 0.0  # every group: the top code 31 times and one 0
+    weight[16:32] *= -1.0  # and groups at the bottom of their range
+    x = torch.ones(8, 1024)  # every activation quantizes to +-127
+    x[1::2] *= -1.0
+    x[4:, 512:] *= -1.0
+    kernels = [kernel]
+    for flags in (["-march=x86-64", "-mf16c"], ["-march=haswell"]):
+        target = tmp_path / f"extreme{flags[0][7:]}.so"
+        native_kernels.compile_kernel(target, ["-O2", *flags])
+        kernels.append(native_kernels.LowBitKernel(ctypes.CDLL(str(target)), target))
+    for bits in (4, 5):
+        packed = PackedLowBit(weight, bits=bits)
+        exact = x @ packed.dequantized().T
+        for build in kernels:
+            got = build.linear(x, packed)
+            assert torch.allclose(got, exact, rtol=1e-5, atol=1e-3), (bits, build.isa, (got - exact).abs().max())
+            for m in range(1, 8):
+                assert torch.equal(build.linear(x[:m], packed), got[:m]), (bits, build.isa, m)
+                assert torch.equal(build.linear(x[m:], packed), got[m:]), (bits, build.isa, m)
+
+
 def test_the_fused_c_layer_matches_the_reference_and_the_pytorch_path(tileable_musicgen, cache_dir):
     from pipeline.music.lm import FastMusicLM
 

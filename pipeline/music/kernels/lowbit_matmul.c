@@ -55,6 +55,31 @@ static void quantize(const float* x, int M, int K, int8_t* xq, float* xs, float*
             _mm_storeu_si128((__m128i*)packed, _mm512_cvtsepi32_epi8(qa));
             _mm_storeu_si128((__m128i*)(packed + 16), _mm512_cvtsepi32_epi8(qb));
             for (int blk = 0; blk < 8; blk++) memcpy(qr + s * SB + blk * 64 + lane * 4, packed + blk * 4, 4);
+#elif ISA == 1
+            const __m256 sign = _mm256_set1_ps(-0.f);
+            __m256 a[4];
+            for (int j = 0; j < 4; j++) a[j] = _mm256_loadu_ps(v + 8 * j);
+            const __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, a[0]), _mm256_andnot_ps(sign, a[1])),
+                                           _mm256_max_ps(_mm256_andnot_ps(sign, a[2]), _mm256_andnot_ps(sign, a[3])));
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+            const float amax = _mm_cvtss_f32(m4);
+            const __m256 id = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+            __m256i q[4];
+            for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(a[j], id));  /* nearest even */
+            const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+            const int sum = _mm_cvtsi128_si32(t4);
+            /* the packs interleave 128-bit lanes; one permutation puts the 32 bytes back in order */
+            const __m256i bytes = _mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
+                _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            int8_t packed[32];
+            _mm256_storeu_si256((__m256i*)packed, bytes);
+            for (int blk = 0; blk < 8; blk++) memcpy(qr + s * SB + blk * 64 + lane * 4, packed + blk * 4, 4);
 #else
             float amax = 0.f;
             for (int j = 0; j < GS; j++) { const float a = fabsf(v[j]); amax = a > amax ? a : amax; }
@@ -73,10 +98,15 @@ static void quantize(const float* x, int M, int K, int8_t* xq, float* xs, float*
 }
 
 #if ISA == 1
-/* u8 x s8 dot products of 4 adjacent bytes into 32-bit lanes, as vpdpbusd does */
-static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
-    const __m256i pairs = _mm256_maddubs_epi16(u, s); /* no saturation: 2 * 31 * 127 < 32767 */
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+/* vpdpbusd in two steps: u8 x s8 products of adjacent bytes summed in 16-bit lanes (no saturation: 2 * 31 * 127
+   < 32767), and, every few of those, the 16-bit lanes of each group of 4 bytes summed into its 32-bit lane. The
+   sums are exact integers, the same as VNNI's. */
+static inline __m256i pairs(__m256i acc16, __m256i u, __m256i s) {
+    return _mm256_add_epi16(acc16, _mm256_maddubs_epi16(u, s));
+}
+
+static inline __m256i widen(__m256i acc32, __m256i acc16) {
+    return _mm256_add_epi32(acc32, _mm256_madd_epi16(acc16, _mm256_set1_epi16(1)));
 }
 
 /* 32 bits -> 32 bytes holding 16 where the bit is set */
@@ -89,98 +119,12 @@ static inline __m256i fifth_bits(uint32_t bits) {
 }
 #endif
 
-/* always inlined with a constant `bits`, so each width gets its own branch-free loop */
-static inline __attribute__((always_inline)) void row(
-        const uint8_t* wr, const uint8_t* hr, const uint16_t* dr, const uint16_t* mr, int bits, const int8_t* x0,
-        const int8_t* x1, const float* s0, const float* s1, const float* o0, const float* o1, int two, int K,
-        float* y0, float* y1) {
+#if ISA == 0
+/* The portable path: one or two activation rows against one weight row, a byte at a time. */
+static void row(const uint8_t* wr, const uint8_t* hr, const uint16_t* dr, const uint16_t* mr, int bits,
+                const int8_t* x0, const int8_t* x1, const float* s0, const float* s1, const float* o0,
+                const float* o1, int two, int K, float* y0, float* y1) {
     const int ns = K / SB;
-#if ISA == 2
-    const __m512i low = _mm512_set1_epi8(0x0F);
-    const __m512i sixteen = _mm512_set1_epi8(16);
-    __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
-    for (int s = 0; s < ns; s++) {
-        const uint8_t* wb = wr + s * (SB / 2);
-        const uint8_t* hb = hr + s * 64;
-        for (int p = 0; p < 256; p += 64) _mm_prefetch((const char*)(wb + PREFETCH + p), _MM_HINT_T0);
-        if (bits == 5) _mm_prefetch((const char*)(hb + PREFETCH / 4), _MM_HINT_T0);
-        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-        const int8_t* xb0 = x0 + s * SB;
-        const int8_t* xb1 = x1 + s * SB;
-        for (int i = 0; i < 4; i++) {
-            const __m512i b = _mm512_loadu_si512((const void*)(wb + 64 * i));
-            __m512i lo = _mm512_and_si512(b, low);
-            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
-            if (bits == 5) {
-                /* the plane loads straight into a mask register; one masked byte add sets the fifth bit */
-                lo = _mm512_mask_add_epi8(lo, _load_mask64((__mmask64*)(hb + 8 * i)), lo, sixteen);
-                hi = _mm512_mask_add_epi8(hi, _load_mask64((__mmask64*)(hb + 8 * (i + 4))), hi, sixteen);
-            }
-            a0 = _mm512_dpbusd_epi32(a0, lo, _mm512_loadu_si512((const void*)(xb0 + 64 * i)));
-            a0 = _mm512_dpbusd_epi32(a0, hi, _mm512_loadu_si512((const void*)(xb0 + 64 * (i + 4))));
-            if (two) {
-                a1 = _mm512_dpbusd_epi32(a1, lo, _mm512_loadu_si512((const void*)(xb1 + 64 * i)));
-                a1 = _mm512_dpbusd_epi32(a1, hi, _mm512_loadu_si512((const void*)(xb1 + 64 * (i + 4))));
-            }
-        }
-        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dr + s * 16)));
-        const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mr + s * 16)));
-        f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), _mm512_mul_ps(dv, _mm512_loadu_ps(s0 + s * 16)), f0);
-        f0 = _mm512_fmadd_ps(mv, _mm512_loadu_ps(o0 + s * 16), f0);
-        if (two) {
-            f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), _mm512_mul_ps(dv, _mm512_loadu_ps(s1 + s * 16)), f1);
-            f1 = _mm512_fmadd_ps(mv, _mm512_loadu_ps(o1 + s * 16), f1);
-        }
-    }
-    *y0 = _mm512_reduce_add_ps(f0);
-    if (two) *y1 = _mm512_reduce_add_ps(f1);
-#elif ISA == 1
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
-    for (int s = 0; s < ns; s++) {
-        const uint8_t* wb = wr + s * (SB / 2);
-        const uint8_t* hb = hr + s * 64;
-        for (int p = 0; p < 256; p += 64) _mm_prefetch((const char*)(wb + PREFETCH + p), _MM_HINT_T0);
-        if (bits == 5) _mm_prefetch((const char*)(hb + PREFETCH / 4), _MM_HINT_T0);
-        for (int half = 0; half < 2; half++) { /* lanes 0-7, then 8-15 */
-            __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
-            const int8_t* xb0 = x0 + s * SB + 32 * half;
-            const int8_t* xb1 = x1 + s * SB + 32 * half;
-            for (int i = 0; i < 4; i++) {
-                const __m256i b = _mm256_loadu_si256((const __m256i*)(wb + 64 * i + 32 * half));
-                __m256i lo = _mm256_and_si256(b, low);
-                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
-                if (bits == 5) {
-                    uint32_t bits_lo, bits_hi;
-                    memcpy(&bits_lo, hb + 8 * i + 4 * half, 4);
-                    memcpy(&bits_hi, hb + 8 * (i + 4) + 4 * half, 4);
-                    lo = _mm256_or_si256(lo, fifth_bits(bits_lo));
-                    hi = _mm256_or_si256(hi, fifth_bits(bits_hi));
-                }
-                a0 = dot4(a0, lo, _mm256_loadu_si256((const __m256i*)(xb0 + 64 * i)));
-                a0 = dot4(a0, hi, _mm256_loadu_si256((const __m256i*)(xb0 + 64 * (i + 4))));
-                if (two) {
-                    a1 = dot4(a1, lo, _mm256_loadu_si256((const __m256i*)(xb1 + 64 * i)));
-                    a1 = dot4(a1, hi, _mm256_loadu_si256((const __m256i*)(xb1 + 64 * (i + 4))));
-                }
-            }
-            const int off = s * 16 + 8 * half;
-            const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dr + off)));
-            const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mr + off)));
-            f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), _mm256_mul_ps(dv, _mm256_loadu_ps(s0 + off)), f0);
-            f0 = _mm256_fmadd_ps(mv, _mm256_loadu_ps(o0 + off), f0);
-            if (two) {
-                f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), _mm256_mul_ps(dv, _mm256_loadu_ps(s1 + off)), f1);
-                f1 = _mm256_fmadd_ps(mv, _mm256_loadu_ps(o1 + off), f1);
-            }
-        }
-    }
-    float t0[8], t1[8];
-    _mm256_storeu_ps(t0, f0);
-    _mm256_storeu_ps(t1, f1);
-    *y0 = t0[0] + t0[1] + t0[2] + t0[3] + t0[4] + t0[5] + t0[6] + t0[7];
-    if (two) *y1 = t1[0] + t1[1] + t1[2] + t1[3] + t1[4] + t1[5] + t1[6] + t1[7];
-#else
     for (int r = 0; r <= two; r++) {
         const int8_t* xr = r ? x1 : x0;
         const float* sr = r ? s1 : s0;
@@ -206,8 +150,8 @@ static inline __attribute__((always_inline)) void row(
         }
         *(r ? y1 : y0) = acc;
     }
-#endif
 }
+#endif
 
 #if ISA == 2
 /* Up to four activation rows against one weight row: the weights are unpacked once for all of them (a batch of
@@ -251,6 +195,59 @@ static inline __attribute__((always_inline)) void rows4(
     }
     for (int r = 0; r < nr; r++) y[r] = _mm512_reduce_add_ps(f[r]);
 }
+#elif ISA == 1
+/* The same on AVX2: 32 bytes at a time, so each superblock is two halves of 8 groups; vpdpbusd is vpmaddubsw
+   (pairs into 16 bits) and, every four of those, vpmaddwd (into each group's 32-bit lane). */
+static inline __attribute__((always_inline)) void rows4(
+        const uint8_t* wr, const uint8_t* hr, const uint16_t* dr, const uint16_t* mr, int bits, int nr,
+        const int8_t* const* x, const float* const* sc, const float* const* of, int K, float* y) {
+    const int ns = K / SB;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int s = 0; s < ns; s++) {
+        const uint8_t* wb = wr + s * (SB / 2);
+        const uint8_t* hb = hr + s * 64;
+        for (int p = 0; p < 256; p += 64) _mm_prefetch((const char*)(wb + PREFETCH + p), _MM_HINT_T0);
+        if (bits == 5) _mm_prefetch((const char*)(hb + PREFETCH / 4), _MM_HINT_T0);
+        for (int half = 0; half < 2; half++) { /* lanes 0-7, then 8-15 */
+            __m256i a[4], p16[4];
+            for (int r = 0; r < nr; r++) a[r] = p16[r] = _mm256_setzero_si256();
+            for (int i = 0; i < 4; i++) {
+                const __m256i b = _mm256_loadu_si256((const __m256i*)(wb + 64 * i + 32 * half));
+                __m256i lo = _mm256_and_si256(b, low);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+                if (bits == 5) {
+                    uint32_t bits_lo, bits_hi;
+                    memcpy(&bits_lo, hb + 8 * i + 4 * half, 4);
+                    memcpy(&bits_hi, hb + 8 * (i + 4) + 4 * half, 4);
+                    lo = _mm256_or_si256(lo, fifth_bits(bits_lo));
+                    hi = _mm256_or_si256(hi, fifth_bits(bits_hi));
+                }
+                for (int r = 0; r < nr; r++) {
+                    const int8_t* xb = x[r] + s * SB + 32 * half;
+                    p16[r] = pairs(p16[r], lo, _mm256_loadu_si256((const __m256i*)(xb + 64 * i)));
+                    p16[r] = pairs(p16[r], hi, _mm256_loadu_si256((const __m256i*)(xb + 64 * (i + 4))));
+                    if (i & 1) {  /* four products per 16-bit lane: 4 * 2 * 31 * 127 = 31,496 still fits */
+                        a[r] = widen(a[r], p16[r]);
+                        p16[r] = _mm256_setzero_si256();
+                    }
+                }
+            }
+            const int off = s * 16 + 8 * half;
+            const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dr + off)));
+            const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mr + off)));
+            for (int r = 0; r < nr; r++) {
+                f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), _mm256_mul_ps(dv, _mm256_loadu_ps(sc[r] + off)), f[r]);
+                f[r] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(of[r] + off), f[r]);
+            }
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float t[8];
+        _mm256_storeu_ps(t, f[r]);
+        y[r] = t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
+    }
+}
 #endif
 
 typedef struct {
@@ -288,6 +285,44 @@ static inline __m512 gelu16(__m512 v) {
 }
 #endif
 
+#if ISA == 1
+/* e^x for x <= 0, 8 lanes: the same reduction and polynomial as the AVX-512 one; 2^n built in the exponent bits */
+static inline __m256 exp8_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720.f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* GELU on 8 lanes, as gelu16 (the scalar erff was a fifth of a step on AVX-512 machines, more here) */
+static inline __m256 gelu8(__m256 v) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    const __m256 x = _mm256_mul_ps(_mm256_andnot_ps(sign, v), _mm256_set1_ps(0.70710678118654752f));
+    const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), x,
+                                                                      _mm256_set1_ps(1.f)));
+    __m256 poly = _mm256_set1_ps(1.061405429f);
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-1.453152027f));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(1.421413741f));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-0.284496736f));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(0.254829592f));
+    poly = _mm256_mul_ps(poly, t);
+    const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(x, x)));
+    __m256 erf = _mm256_fnmadd_ps(poly, e, _mm256_set1_ps(1.f));  /* erf(|v| / sqrt 2) */
+    erf = _mm256_xor_ps(erf, _mm256_and_ps(v, sign));             /* odd: the sign of v */
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), _mm256_add_ps(_mm256_set1_ps(1.f), erf));
+}
+#endif
+
 /* y[0 .. n) = gelu(y) */
 static void gelu_inplace(float* y, size_t n, int threads) {
     const long blocks = (long)((n + 255) / 256);
@@ -297,6 +332,8 @@ static void gelu_inplace(float* y, size_t n, int threads) {
         size_t i = start;
 #if ISA == 2
         for (; i + 16 <= end; i += 16) _mm512_storeu_ps(y + i, gelu16(_mm512_loadu_ps(y + i)));
+#elif ISA == 1
+        for (; i + 8 <= end; i += 8) _mm256_storeu_ps(y + i, gelu8(_mm256_loadu_ps(y + i)));
 #endif
         for (; i < end; i++) y[i] = gelu(y[i]);
     }
@@ -322,7 +359,7 @@ static int matmul(const float* x, int M, int K, const packed_t* W, float* y, int
         const uint8_t* hr = W->hb ? W->hb + (size_t)n * (K / 8) : NULL;
         const uint16_t* dr = W->d + (size_t)n * ng;
         const uint16_t* mr = W->mn + (size_t)n * ng;
-#if ISA == 2
+#if ISA >= 1
         for (int m0 = 0; m0 < M; m0 += 4) {
             const int nr = M - m0 < 4 ? M - m0 : 4;
             const int8_t* xr[4];
@@ -416,6 +453,22 @@ static inline float quantize_vector(const float* v, int8_t* q, int dh) {
                 _mm512_mul_ps(_mm512_loadu_ps(v + i), id))));
         return amax / 127.f;
     }
+#elif ISA == 1
+    if (dh % 8 == 0) {
+        const __m256 sign = _mm256_set1_ps(-0.f);
+        __m256 m = _mm256_setzero_ps();
+        for (int i = 0; i < dh; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
+        float lanes[8];
+        _mm256_storeu_ps(lanes, m);
+        for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+        const __m256 id = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        for (int i = 0; i < dh; i += 8) {
+            const __m256i q32 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + i), id));
+            const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1));
+            _mm_storel_epi64((__m128i*)(q + i), _mm_packs_epi16(q16, q16));
+        }
+        return amax / 127.f;
+    }
 #endif
     for (int i = 0; i < dh; i++) { const float a = fabsf(v[i]); amax = a > amax ? a : amax; }
     const float id = amax > 0.f ? 127.f / amax : 0.f;
@@ -430,6 +483,15 @@ static inline void axpy_i8(float p, const int8_t* v, float* out, int dh) {
         for (int i = 0; i < dh; i += 16) {
             const __m512 vv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(v + i))));
             _mm512_storeu_ps(out + i, _mm512_fmadd_ps(pv, vv, _mm512_loadu_ps(out + i)));
+        }
+        return;
+    }
+#elif ISA == 1
+    if (dh % 8 == 0) {
+        const __m256 pv = _mm256_set1_ps(p);
+        for (int i = 0; i < dh; i += 8) {
+            const __m256 vv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(v + i))));
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, vv, _mm256_loadu_ps(out + i)));
         }
         return;
     }
@@ -513,6 +575,52 @@ static void attend_cache(const float* q, const uint8_t* keys, const int8_t* valu
             top = m > top ? m : top;
         }
     }
+#elif ISA == 1
+    if (dh % 8 == 0) {
+        /* No unsigned x signed instruction that cannot saturate here ((k + 128) * q pairs reach 64,770), so keys go
+           back to signed (flip the top bit) and the sign moves onto them: |q| * (sign(q) k), pairs <= 2 * 127 * 127
+           fit 16 bits. The sum is the same exact integer sum(q8 * k8) as on the other paths. */
+        int32_t q32[64];
+        memcpy(q32, q8, (size_t)dh);
+        const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+        __m256 top8 = _mm256_set1_ps(-INFINITY);
+        for (const int blocks = (T + KB - 1) / KB; b0 < blocks; b0++) {
+            const uint8_t* kb = keys + (size_t)b0 * bb;
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, c0 = a0, c1 = a0;  /* positions 0-7 and 8-15, two chains */
+            for (int g = 0; g < dh / 4; g += 2) {
+                const __m256i qa = _mm256_set1_epi32(q32[g]), qb = _mm256_set1_epi32(q32[g + 1]);
+                const __m256i ua = _mm256_abs_epi8(qa), ub = _mm256_abs_epi8(qb);
+                const __m256i* k = (const __m256i*)(kb + 64 * g);
+                a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(ua,
+                         _mm256_sign_epi8(_mm256_xor_si256(_mm256_loadu_si256(k), flip), qa)), ones));
+                c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(_mm256_maddubs_epi16(ua,
+                         _mm256_sign_epi8(_mm256_xor_si256(_mm256_loadu_si256(k + 1), flip), qa)), ones));
+                a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(ub,
+                         _mm256_sign_epi8(_mm256_xor_si256(_mm256_loadu_si256(k + 2), flip), qb)), ones));
+                c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(_mm256_maddubs_epi16(ub,
+                         _mm256_sign_epi8(_mm256_xor_si256(_mm256_loadu_si256(k + 3), flip), qb)), ones));
+            }
+            const __m256 sc = _mm256_set1_ps(scale);
+            __m256 s0 = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)), sc),
+                                      _mm256_loadu_ps(k_scale + b0 * KB));
+            __m256 s1 = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(c0, c1)), sc),
+                                      _mm256_loadu_ps(k_scale + b0 * KB + 8));
+            const int valid = T - b0 * KB;
+            if (valid < KB) {  /* positions past T hold stale bytes: out of the softmax */
+                const __m256i at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                const __m256 inf = _mm256_set1_ps(-INFINITY);
+                s0 = _mm256_blendv_ps(inf, s0, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(valid), at)));
+                s1 = _mm256_blendv_ps(inf, s1, _mm256_castsi256_ps(
+                    _mm256_cmpgt_epi32(_mm256_set1_epi32(valid - 8), at)));
+            }
+            _mm256_storeu_ps(scores + b0 * KB, s0);
+            _mm256_storeu_ps(scores + b0 * KB + 8, s1);
+            top8 = _mm256_max_ps(top8, _mm256_max_ps(s0, s1));
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, top8);
+        for (int i = 0; i < 8; i++) top = lanes[i] > top ? lanes[i] : top;
+    }
 #endif
     for (int t = b0 * KB; t < T; t++) {
         const uint8_t* kb = keys + (size_t)(t / KB) * bb + (t % KB) * 4;
@@ -531,6 +639,16 @@ static void attend_cache(const float* q, const uint8_t* keys, const int8_t* valu
         sum = _mm512_add_ps(sum, e);
     }
     total = _mm512_reduce_add_ps(sum);
+#elif ISA == 1
+    __m256 sum = _mm256_setzero_ps();
+    for (; t0 + 8 <= T; t0 += 8) {
+        const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + t0), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(scores + t0, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, sum);
+    for (int i = 0; i < 8; i++) total += lanes[i];
 #endif
     for (int t = t0; t < T; t++) {
         scores[t] = expf(scores[t] - top);
@@ -562,6 +680,26 @@ static void attend_cache(const float* q, const uint8_t* keys, const int8_t* valu
                 o[0][3] = _mm512_fmadd_ps(p, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 3))), o[0][3]);
             }
             for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + d0 + 16 * c, _mm512_add_ps(o[0][c], o[1][c]));
+        }
+        return;
+    }
+#elif ISA == 1
+    if (dh % 32 == 0) {  /* 32 dimensions at a time in registers */
+        for (int d0 = 0; d0 < dh; d0 += 32) {
+            __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+            for (int t = 0; t < T; t++) {
+                const __m256 p = _mm256_set1_ps(scores[t] * norm * v_scale[t]);
+                const __m256i v = _mm256_loadu_si256((const __m256i*)(values + (size_t)t * dh + d0));
+                const __m128i v0 = _mm256_castsi256_si128(v), v1 = _mm256_extracti128_si256(v, 1);
+                o0 = _mm256_fmadd_ps(p, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v0)), o0);
+                o1 = _mm256_fmadd_ps(p, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8))), o1);
+                o2 = _mm256_fmadd_ps(p, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v1)), o2);
+                o3 = _mm256_fmadd_ps(p, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8))), o3);
+            }
+            _mm256_storeu_ps(out + d0, o0);
+            _mm256_storeu_ps(out + d0 + 8, o1);
+            _mm256_storeu_ps(out + d0 + 16, o2);
+            _mm256_storeu_ps(out + d0 + 24, o3);
         }
         return;
     }
