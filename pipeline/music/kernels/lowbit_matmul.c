@@ -36,6 +36,20 @@
 int i4_isa(void) { return ISA; }
 
 
+#if ISA == 1
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+/* 32 int32 lanes in -128..127 -> 32 bytes in order (the packs interleave 128-bit lanes; one permutation undoes it) */
+static inline void store_bytes32(void* out, const __m256i q[4]) {
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256((__m256i*)out, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+#endif
+
 static void quantize(const float* x, int M, int K, int8_t* xq, float* xs, float* xsum) {
     const int ng = K / GS;
     for (int m = 0; m < M; m++) {
@@ -61,10 +75,7 @@ static void quantize(const float* x, int M, int K, int8_t* xq, float* xs, float*
             for (int j = 0; j < 4; j++) a[j] = _mm256_loadu_ps(v + 8 * j);
             const __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, a[0]), _mm256_andnot_ps(sign, a[1])),
                                            _mm256_max_ps(_mm256_andnot_ps(sign, a[2]), _mm256_andnot_ps(sign, a[3])));
-            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-            m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-            const float amax = _mm_cvtss_f32(m4);
+            const float amax = hmax8(mx);
             const __m256 id = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
             __m256i q[4];
             for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(a[j], id));  /* nearest even */
@@ -73,12 +84,8 @@ static void quantize(const float* x, int M, int K, int8_t* xq, float* xs, float*
             t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
             t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
             const int sum = _mm_cvtsi128_si32(t4);
-            /* the packs interleave 128-bit lanes; one permutation puts the 32 bytes back in order */
-            const __m256i bytes = _mm256_permutevar8x32_epi32(
-                _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
-                _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
             int8_t packed[32];
-            _mm256_storeu_si256((__m256i*)packed, bytes);
+            store_bytes32(packed, q);
             for (int blk = 0; blk < 8; blk++) memcpy(qr + s * SB + blk * 64 + lane * 4, packed + blk * 4, 4);
 #else
             float amax = 0.f;
@@ -458,9 +465,7 @@ static inline float quantize_vector(const float* v, int8_t* q, int dh) {
         const __m256 sign = _mm256_set1_ps(-0.f);
         __m256 m = _mm256_setzero_ps();
         for (int i = 0; i < dh; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
-        float lanes[8];
-        _mm256_storeu_ps(lanes, m);
-        for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+        amax = hmax8(m);
         const __m256 id = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
         for (int i = 0; i < dh; i += 8) {
             const __m256i q32 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + i), id));
@@ -617,9 +622,7 @@ static void attend_cache(const float* q, const uint8_t* keys, const int8_t* valu
             _mm256_storeu_ps(scores + b0 * KB + 8, s1);
             top8 = _mm256_max_ps(top8, _mm256_max_ps(s0, s1));
         }
-        float lanes[8];
-        _mm256_storeu_ps(lanes, top8);
-        for (int i = 0; i < 8; i++) top = lanes[i] > top ? lanes[i] : top;
+        top = hmax8(top8);
     }
 #endif
     for (int t = b0 * KB; t < T; t++) {
@@ -872,8 +875,9 @@ int mg_layers(float* x, int B, int D, int H, int F, const layer_t* layers, int n
  * Per group of 32 weights: for each clip ratio, the range [middle - half * ratio, middle + half * ratio] with fp16
  * scale and offset, the codes it gives and their squared error; the first ratio with the least error wins. The
  * PyTorch version makes several whole-matrix temporaries per ratio and took 26 of the 35 s a MusicGen-small load
- * spent; this one keeps a group in registers (two AVX-512 or four AVX2 ones). Same operations in the same order (contraction into FMAs off), so
- * the codes agree with the PyTorch version except where two ratios tie to the last bit. Returns 0.
+ * spent; this one keeps a group in registers (two AVX-512 or four AVX2 ones). Same operations in the same order
+ * (contraction into FMAs off), so the codes agree with the PyTorch version except where two ratios tie to the last
+ * bit. Returns 0.
  */
 __attribute__((optimize("fp-contract=off")))
 static void quantize_group(const float* g, int levels, const float* ratios, int n_ratios, uint8_t* q_out,
@@ -927,14 +931,13 @@ static void quantize_group(const float* g, int levels, const float* ratios, int 
         }
         float lanes[8];
         _mm256_storeu_ps(lanes, e);
-        const float error = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        const float error = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+                          + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
         if (r == 0 || error < best_error) {
             best_error = error;
-            /* codes 0..levels: the packs cannot saturate */
-            const __m256i q16 = _mm256_packs_epi32(_mm256_cvttps_epi32(v[0]), _mm256_cvttps_epi32(v[1]));
-            const __m256i q16b = _mm256_packs_epi32(_mm256_cvttps_epi32(v[2]), _mm256_cvttps_epi32(v[3]));
-            _mm256_storeu_si256((__m256i*)q_out, _mm256_permutevar8x32_epi32(_mm256_packus_epi16(q16, q16b),
-                                                                             _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+            const __m256i codes[4] = {_mm256_cvttps_epi32(v[0]), _mm256_cvttps_epi32(v[1]), _mm256_cvttps_epi32(v[2]),
+                                      _mm256_cvttps_epi32(v[3])};  /* 0..levels <= 31 */
+            store_bytes32(q_out, codes);
             *scale_out = sh;
             *offset_out = oh;
         }
