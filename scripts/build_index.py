@@ -106,16 +106,22 @@ _FIRST_ARTIST_SPLIT = re.compile(r"\s*(?:,|&|\band\b|\bx\b|\bvs\.?\b|\bfeat\.?\b
 def _fold(text: str) -> str:
     """Lower case with Latin letters folded to ASCII ('Beyoncé' → 'beyonce'; a Latin letter with no ASCII form is
     dropped) and other scripts kept: a Chinese, Japanese or Cyrillic title is a key of its own, not an empty one."""
-    decomposed = unicodedata.normalize("NFKD", str(text)).lower()
+    text = str(text)
+    if text.isascii():  # most names; NFKD leaves ASCII as it is
+        return text.lower()
+    decomposed = unicodedata.normalize("NFKD", text).lower()
     return "".join(ch for ch in decomposed if ch.isascii() or (
         not unicodedata.combining(ch) and not unicodedata.name(ch, "LATIN").startswith("LATIN")))
 
 
 def _key_chars(text: str) -> str:
+    if text.isascii():
+        return _NOT_ASCII_KEY.sub("", text)
     return "".join(ch for ch in text if ch.isalnum() and (not ch.isascii() or ch in _ASCII_KEY))
 
 
 _ASCII_KEY = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+_NOT_ASCII_KEY = re.compile(r"[^a-z0-9]+")
 
 
 def normalize_title(title: str) -> str:
@@ -206,10 +212,15 @@ def read_tidytuesday(path: Path) -> list[Record]:
     table = table.dropna(subset=["track_id", "track_name", "track_artist"])
     # the same track appears under several playlists: it keeps every playlist genre (most common first), then
     # every subgenre
-    genres = {}
-    for track, group in table.groupby("track_id", sort=False):
-        genres[track] = tuple(g for column in ("playlist_genre", "playlist_subgenre")
-                              for g, _ in Counter(group[column].dropna()).most_common())
+    # (one pass over plain columns: a pandas group per track took half a minute)
+    counts: dict[str, tuple[Counter, Counter]] = {}
+    for track, genre, subgenre in zip(table.track_id, table.playlist_genre, table.playlist_subgenre):
+        by_genre, by_subgenre = counts.setdefault(track, (Counter(), Counter()))
+        if pd.notna(genre):
+            by_genre[genre] += 1
+        if pd.notna(subgenre):
+            by_subgenre[subgenre] += 1
+    genres = {track: tuple(g for counter in pair for g, _ in counter.most_common()) for track, pair in counts.items()}
     table = table.drop_duplicates("track_id", keep="first")
     records = []
     for row in table.itertuples(index=False):
@@ -254,13 +265,17 @@ def read_spotify_tracks(path: Path) -> list[Record]:
         name = next(n for n in archive.namelist() if n.endswith(".csv"))
         table = pd.read_csv(archive.open(name), dtype={"track_id": str})
     table = table.dropna(subset=["track_id", "track_name", "artists"])
-    genres = {track: tuple(group.dropna()) for track, group in table.groupby("track_id", sort=False)["track_genre"]}
+    genres: dict[str, list] = {}
+    for track, genre in zip(table.track_id, table.track_genre):
+        listed = genres.setdefault(track, [])
+        if pd.notna(genre):
+            listed.append(genre)
     table = table.drop_duplicates("track_id", keep="first")
     records = []
     for row in table.itertuples(index=False):
         feats = {f: _num(getattr(row, f)) for f in FEATURES}
         records.append(Record(title=str(row.track_name), artist=", ".join(str(row.artists).split(";")),
-                              source="spotify_tracks", spotify_id=row.track_id, genres=genres[row.track_id],
+                              source="spotify_tracks", spotify_id=row.track_id, genres=tuple(genres[row.track_id]),
                               popularity=_num(row.popularity),
                               features={k: v for k, v in feats.items() if v is not None}))
     return records
