@@ -278,8 +278,11 @@ def _reuse(path, entry, thresholds: Thresholds, options: dict, started: float):
 
 def _summary(checks: list[Figures], generator: MusicGenerator) -> str:
     def worst(f: Figures) -> str:
+        # rounded down, so that 99.7% never reads as "100%"
+        agree = math.floor(1000 * min(f.top1)) / 10
+        same = "at every position" if agree >= 100 else f"at {agree:g}% of positions or more"
         return (f"KL ≤ {max(f.kl):.2g} nats ({100 * max(f.kl_share):.2g}% of the reference's information), "
-                f"top-1 ≥ {min(f.top1):.0%}")
+                f"the same most likely code {same}")
 
     if checks[-1].passed and len(checks) == 1:
         return f"fast loop ({checks[0].weights}) matches the fp32 reference: {worst(checks[0])}"
