@@ -131,12 +131,13 @@ class FastMusicLM:
             from .native import MAX_HEAD_DIM, FusedLayer, FusedStack
 
             if self.head_dim <= MAX_HEAD_DIM and self.head_dim % 4 == 0:
-                self._fused = FusedStack(kernel, [FusedLayer([getattr(layer, name).packed for name in LAYER_MATRICES],
-                                          [block.self_attn_layer_norm.weight, block.self_attn_layer_norm.bias,
-                                           block.encoder_attn_layer_norm.weight, block.encoder_attn_layer_norm.bias,
-                                           block.final_layer_norm.weight, block.final_layer_norm.bias],
-                                          block.final_layer_norm.eps, self.heads)
-                               for layer, block in zip(self.layers, decoder.layers)])
+                self._fused = FusedStack(kernel, [
+                    FusedLayer(kernel, [getattr(layer, name).packed for name in LAYER_MATRICES],
+                               [block.self_attn_layer_norm.weight, block.self_attn_layer_norm.bias,
+                                block.encoder_attn_layer_norm.weight, block.encoder_attn_layer_norm.bias,
+                                block.final_layer_norm.weight, block.final_layer_norm.bias],
+                               block.final_layer_norm.eps, self.heads)
+                    for layer, block in zip(self.layers, decoder.layers)])
 
         # the text side stays in transformers: T5 runs once per request
         self.text_encoder = model.text_encoder
@@ -188,10 +189,11 @@ class FastMusicLM:
 
     def use_kernel(self, kernel) -> None:
         """Run the fused layers with another build of the native kernel (tests compare the portable AVX2 and
-        scalar builds with the one compiled for this CPU); the packed weights are the same bytes for every build."""
+        scalar builds with the one compiled for this CPU); the packed weights are the same bytes for every build (an
+        AVX2 build reads the fifth bits as slices it makes once)."""
         if self._fused is None:
             raise ValueError("this decoder does not run fused native layers")
-        self._fused.kernel = kernel
+        self._fused = self._fused.with_kernel(kernel)
 
     @property
     def fused(self) -> bool:

@@ -77,6 +77,22 @@ class LowBitKernel:
         self._quantize = library.quantize_groups
         self._quantize.restype = ctypes.c_int
         self._quantize.argtypes = [p, ctypes.c_long, i, p, i, p, p, p, i]
+        self._slices = library.fifth_bit_slices
+        self._slices.restype = None
+        self._slices.argtypes = [p, p, ctypes.c_long, i]
+
+    def high_bits(self, packed: "PackedLowBit") -> int | None:
+        """Where this kernel reads a matrix's fifth bits: the planes themselves, or on AVX2 their slices (the same
+        bits grouped for shifts instead of masked moves), made once per matrix and kept beside the planes."""
+        if packed.high_bits is None:
+            return None
+        if self.isa != "avx2":
+            return packed.high_bits.data_ptr()
+        if packed.high_bit_slices is None:
+            slices = torch.empty_like(packed.high_bits)
+            self._slices(packed.high_bits.data_ptr(), slices.data_ptr(), packed.high_bits.numel() // 64, self.threads)
+            packed.high_bit_slices = slices
+        return packed.high_bit_slices.data_ptr()
 
     def quantize_groups(self, groups: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`quantize_groups` in C: (rows, groups, 32) fp32 → codes (uint8), fp16 scales and offsets, (rows,
@@ -94,8 +110,8 @@ class LowBitKernel:
         x = x.contiguous().float() if x.dtype != torch.float32 or not x.is_contiguous() else x
         m = x.shape[0]
         y = torch.empty(m, packed.out_features, dtype=torch.float32)
-        high = packed.high_bits.data_ptr() if packed.high_bits is not None else None
-        status = self._fn(x.data_ptr(), m, packed.in_features, packed.weight.data_ptr(), high, packed.scale.data_ptr(),
+        status = self._fn(x.data_ptr(), m, packed.in_features, packed.weight.data_ptr(), self.high_bits(packed),
+                          packed.scale.data_ptr(),
                           packed.offset.data_ptr(), y.data_ptr(), packed.out_features, self.threads)
         if status != 0:
             raise MemoryError("low-bit kernel could not allocate scratch memory")
@@ -106,7 +122,8 @@ class FusedLayer:
     """One MusicGen decoder layer for the C path: six packed matrices and three layer norms, kept alive here,
     with the pointer table the C side reads built once."""
 
-    def __init__(self, matrices: list["PackedLowBit"], norms: list[torch.Tensor], eps: float, heads: int):
+    def __init__(self, kernel: LowBitKernel, matrices: list["PackedLowBit"], norms: list[torch.Tensor], eps: float,
+                 heads: int):
         if len(matrices) != len(LAYER_MATRICES):
             raise ValueError(f"a fused layer takes {len(LAYER_MATRICES)} matrices: {', '.join(LAYER_MATRICES)}")
         head_dim = matrices[1].out_features // heads
@@ -120,8 +137,8 @@ class FusedLayer:
         self.hidden = matrices[1].out_features
         self.ffn = matrices[4].out_features
         self.table = _LayerTable(
-            (_Packed * 6)(*[_Packed(m.weight.data_ptr(), m.high_bits.data_ptr() if m.high_bits is not None else None,
-                                    m.scale.data_ptr(), m.offset.data_ptr()) for m in matrices]),
+            (_Packed * 6)(*[_Packed(m.weight.data_ptr(), kernel.high_bits(m), m.scale.data_ptr(), m.offset.data_ptr())
+                            for m in matrices]),
             (ctypes.c_void_p * 6)(*[n.data_ptr() for n in self.norms]))
 
 
@@ -160,6 +177,11 @@ class FusedStack:
         self._table = (_LayerTable * len(layers))(*[layer.table for layer in layers])
         first = layers[0]
         self.shape = (first.hidden, first.heads, first.ffn, first.eps)
+
+    def with_kernel(self, kernel: "LowBitKernel") -> "FusedStack":
+        """The same layers run by another build of the kernel, which may read the fifth bits in its own layout."""
+        return FusedStack(kernel, [FusedLayer(kernel, layer.matrices, layer.norms, layer.eps, layer.heads)
+                                   for layer in self._layers])
 
     def __call__(self, x: torch.Tensor, caches: list[RowCache], positions: list[int],
                  texts: list["TextKV | None"]) -> None:
@@ -211,7 +233,7 @@ class PackedLowBit:
     """A weight matrix in the kernel's layout (4 or 5 bits): nibbles (out, in/2), for 5 bits the fifth-bit planes
     (out, in/8), and fp16 scales and offsets (out, in/32)."""
 
-    __slots__ = ("weight", "high_bits", "scale", "offset", "out_features", "in_features", "bits")
+    __slots__ = ("weight", "high_bits", "scale", "offset", "out_features", "in_features", "bits", "high_bit_slices")
     TENSORS = ("weight", "high_bits", "scale", "offset")  # what `to_tensors` holds (high_bits for 5 bits only)
 
     def __init__(self, weight: torch.Tensor, bits: int = 5, kernel: "LowBitKernel | None" = None):
@@ -228,7 +250,7 @@ class PackedLowBit:
         blocks = q.reshape(n, s, 16, 8, 4).permute(0, 1, 3, 2, 4).reshape(n, s, 8, 64)
         nibbles = blocks & 15
         self.weight = (nibbles[:, :, :4] | (nibbles[:, :, 4:] << 4)).reshape(n, k // 2).contiguous()
-        self.high_bits = None
+        self.high_bits = self.high_bit_slices = None
         if bits == 5:
             planes = np.packbits(((blocks >> 4) & 1).numpy(), axis=-1, bitorder="little")  # (n, s, 8 blocks, 8)
             self.high_bits = torch.from_numpy(np.ascontiguousarray(planes.reshape(n, k // 8)))
@@ -245,6 +267,7 @@ class PackedLowBit:
         packed = cls.__new__(cls)
         packed.weight, packed.scale, packed.offset = tensors["weight"], tensors["scale"], tensors["offset"]
         packed.high_bits = tensors.get("high_bits")
+        packed.high_bit_slices = None
         packed.out_features, packed.in_features = packed.weight.shape[0], packed.weight.shape[1] * 2
         packed.bits = 5 if packed.high_bits is not None else 4
         return packed
@@ -263,6 +286,7 @@ class PackedLowBit:
 
     @property
     def nbytes(self) -> int:
+        # what the kernel reads per use: the fifth bits once, as planes or as their slices
         tensors = [self.weight, self.scale, self.offset] + ([self.high_bits] if self.high_bits is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 

@@ -6,6 +6,9 @@
  * 32-bit lane) advances all 16 groups at once, and after 8 blocks lane g holds group g's integer sum.
  * Two blocks share 64 bytes: low nibbles = block i, high nibbles = block i + 4. 5-bit weights add, per block,
  * a 64-bit plane of fifth bits (bit j set = byte j of the block gains 16), expanded with one masked move.
+ * AVX2 has no masked byte moves, so its kernel reads the same bits sliced the other way (`fifth_bit_slices`, made
+ * once at load): byte t of a superblock's 64 holds, in bit b, the fifth bit of byte t of block b, and block b's
+ * fifth bits are one shift and one AND of that vector away.
  * Nibbles, fifth-bit planes, scales and offsets are four separate arrays, each read front to back (measured
  * faster here than one interleaved record per superblock).
  * Per group: weight = d * q + mn (q in 0..15 or 0..31, d and mn fp16); activation = xs * xq (xq int8), so
@@ -116,15 +119,27 @@ static inline __m256i widen(__m256i acc32, __m256i acc16) {
     return _mm256_add_epi32(acc32, _mm256_madd_epi16(acc16, _mm256_set1_epi16(1)));
 }
 
-/* 32 bits -> 32 bytes holding 16 where the bit is set */
-static inline __m256i fifth_bits(uint32_t bits) {
-    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits),
-        _mm256_setr_epi64x(0x0000000000000000LL, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL));
-    const __m256i select = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
-    return _mm256_and_si256(set, _mm256_set1_epi8(16));
+/* 16 in the bytes of block b whose fifth bit is set, from 32 bytes of slices (bit b of each byte): bit b moves to
+   bit 4. A 16-bit shift also carries bits across the byte boundary, but only into bits the AND clears. */
+static inline __m256i fifth_bits(__m256i slices, int b) {
+    const __m256i moved = b <= 4 ? _mm256_slli_epi16(slices, 4 - b) : _mm256_srli_epi16(slices, b - 4);
+    return _mm256_and_si256(moved, _mm256_set1_epi8(16));
 }
 #endif
+
+/* The fifth-bit planes (superblocks of 8 blocks x 8 bytes, bit j of byte i = byte 8i + j of the block) turned into
+   slices (superblocks of 64 bytes, bit b of byte t = byte t of block b), the layout the AVX2 kernel reads. */
+void fifth_bit_slices(const uint8_t* planes, uint8_t* slices, long superblocks, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : omp_get_max_threads())
+    for (long s = 0; s < superblocks; s++) {
+        const uint8_t* p = planes + s * 64;
+        for (int t = 0; t < 64; t++) {
+            uint8_t v = 0;
+            for (int b = 0; b < 8; b++) v |= (uint8_t)(((p[8 * b + t / 8] >> (t % 8)) & 1) << b);
+            slices[s * 64 + t] = v;
+        }
+    }
+}
 
 #if ISA == 0
 /* The portable path: one or two activation rows against one weight row, a byte at a time. */
@@ -219,16 +234,15 @@ static inline __attribute__((always_inline)) void rows4(
         for (int half = 0; half < 2; half++) { /* lanes 0-7, then 8-15 */
             __m256i a[4], p16[4];
             for (int r = 0; r < nr; r++) a[r] = p16[r] = _mm256_setzero_si256();
+            const __m256i slices = bits == 5 ? _mm256_loadu_si256((const __m256i*)(hb + 32 * half))
+                                             : _mm256_setzero_si256();
             for (int i = 0; i < 4; i++) {
                 const __m256i b = _mm256_loadu_si256((const __m256i*)(wb + 64 * i + 32 * half));
                 __m256i lo = _mm256_and_si256(b, low);
                 __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
                 if (bits == 5) {
-                    uint32_t bits_lo, bits_hi;
-                    memcpy(&bits_lo, hb + 8 * i + 4 * half, 4);
-                    memcpy(&bits_hi, hb + 8 * (i + 4) + 4 * half, 4);
-                    lo = _mm256_or_si256(lo, fifth_bits(bits_lo));
-                    hi = _mm256_or_si256(hi, fifth_bits(bits_hi));
+                    lo = _mm256_or_si256(lo, fifth_bits(slices, i));
+                    hi = _mm256_or_si256(hi, fifth_bits(slices, i + 4));
                 }
                 for (int r = 0; r < nr; r++) {
                     const int8_t* xb = x[r] + s * SB + 32 * half;
@@ -259,7 +273,7 @@ static inline __attribute__((always_inline)) void rows4(
 
 typedef struct {
     const uint8_t* w;    /* nibbles (N, K/2) */
-    const uint8_t* hb;   /* fifth-bit planes (N, K/8), NULL for 4 bits */
+    const uint8_t* hb;   /* fifth-bit planes (N, K/8), sliced on AVX2; NULL for 4 bits */
     const uint16_t* d;   /* fp16 scales (N, K/32) */
     const uint16_t* mn;  /* fp16 offsets (N, K/32) */
 } packed_t;
@@ -422,8 +436,9 @@ static int matmul(const float* x, int M, int K, const packed_t* W, float* y, int
     return 0;
 }
 
-/* x (M, K) fp32; W: nibbles w (N, K/2), fifth-bit planes hb (N, K/8, NULL for 4 bits), scales d and offsets mn
-   (N, K/32, fp16) -> y (M, N) fp32, using `threads` threads (0: the OpenMP default). K is a multiple of 512.
+/* x (M, K) fp32; W: nibbles w (N, K/2), fifth-bit planes hb (N, K/8, sliced on AVX2, NULL for 4 bits), scales d
+   and offsets mn (N, K/32, fp16) -> y (M, N) fp32, using `threads` threads (0: the OpenMP default). K is a
+   multiple of 512.
    Returns 0, or -1 when scratch memory could not be allocated. */
 int i4_linear(const float* x, int M, int K, const uint8_t* w, const uint8_t* hb, const uint16_t* d,
               const uint16_t* mn, float* y, int N, int threads) {
