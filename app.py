@@ -521,7 +521,7 @@ class Handlers:
                 yield None, hidden, f"⚠️ {exc}", gr.skip()
                 return
         # the download holds the whole piece: an extension is appended to the clip it continues
-        path = self.pipe.save_audio(parts, rate, after=clip["wav"] if clip else None)
+        path = self.pipe.save_audio(parts, rate, after=clip["wav"] if clip else None, clip_id=clip_id)
         made = sum(part.shape[0] for part in parts) / rate
         what = f"extended by {made:.1f} s" if clip else f"{made:.1f} s"
         clip = {"id": clip_id, "prompt": music.prompt, "wav": str(path)}
@@ -696,7 +696,8 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
                  temperature: float = DEFAULT_SAMPLING.temperature, top_k: int = DEFAULT_SAMPLING.top_k,
                  top_p: float = DEFAULT_SAMPLING.top_p, guidance_scale: float = DEFAULT_SAMPLING.guidance_scale,
                  request: gr.Request = None) -> Iterator[FileData | None]:
-        """A WAV file (32 kHz, 16-bit, loudness-normalised) of original music for a text prompt.
+        """A WAV file (32 kHz, 16-bit, loudness-normalised) of original music for a text prompt; pass the file (its
+        path or name) to /extend as `clip_id` to continue the music.
 
         Args:
             prompt: what the music should sound like, e.g. the prompt /analyze returns.
@@ -710,11 +711,11 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
         """
         sampling = _sampling(temperature, top_k, top_p, guidance_scale)
         seconds = _checked(prompt, duration_s, seed, sampling)
-        parts, rate = [], []
+        parts, last = [], []
         for _ in _in_line(request, lambda: _chunks(prompt, duration_s, seed, sampling),
-                          lambda chunk: (parts.append(chunk.samples), rate.append(chunk.sample_rate)), seconds):
+                          lambda chunk: (parts.append(chunk.samples), last.append(chunk)), seconds):
             yield None  # `predict` returns the final file
-        yield FileData(path=str(pipe.save_audio(parts, rate[-1])))
+        yield FileData(path=str(pipe.save_audio(parts, last[-1].sample_rate, clip_id=last[-1].clip_id)))
 
     def _streamed(make_chunks, request, seconds):
         """Chunk events for /stream and /extend: each a small WAV; the last also carries the whole clip's WAV and
@@ -727,7 +728,7 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
                     "seconds": round(chunk.samples.shape[0] / chunk.sample_rate, 3), "is_last": chunk.is_last,
                     "audio": FileData(path=str(pipe.save_audio([chunk.samples], chunk.sample_rate)))}
             if chunk.is_last:
-                item["wav"] = FileData(path=str(pipe.save_audio(parts, chunk.sample_rate)))
+                item["wav"] = FileData(path=str(pipe.save_audio(parts, chunk.sample_rate, clip_id=chunk.clip_id)))
             return item
 
         for item in _in_line(request, make_chunks, event, seconds):
@@ -762,12 +763,14 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
                temperature: float = DEFAULT_SAMPLING.temperature, top_k: int = DEFAULT_SAMPLING.top_k,
                top_p: float = DEFAULT_SAMPLING.top_p, guidance_scale: float = DEFAULT_SAMPLING.guidance_scale,
                endless: bool = False, request: gr.Request = None) -> Iterator[dict]:
-        """Continue a clip that /stream or /extend returned (its `clip_id`) by `duration_s` seconds, streamed like
+        """Continue a clip that /stream, /extend or /generate returned (its `clip_id`, or /generate's WAV) by
+        `duration_s` seconds, streamed like
         /stream: the music goes on from where the clip ended, without a seam. A new `prompt` moves it toward
         another mood (empty = the clip's own prompt). The app keeps the last 16 clips extendable.
 
         Args:
-            clip_id: the clip_id of a clip's last event from /stream or /extend.
+            clip_id: the clip_id of a clip's last event from /stream or /extend, or the WAV that /generate returned
+                (its path or file name).
             duration_s: how many seconds to add (ignored when endless).
             prompt: a new description to move toward, or empty to keep the clip's.
             seed: a whole number; the same seed and settings give the same continuation.

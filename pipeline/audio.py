@@ -9,6 +9,7 @@ clip generated in one go are normalised identically.
 from __future__ import annotations
 
 import io
+import re
 import time
 import uuid
 import wave
@@ -124,9 +125,22 @@ def read_wav(path: Path, sample_rate: int) -> np.ndarray:
     return samples if channels == 1 else samples.reshape(-1, channels)
 
 
-def write_wav(samples: np.ndarray, sample_rate: int, folder: Path) -> Path:
-    """Each request gets its own file (never a shared path), 16-bit PCM."""
+def write_wav(samples: np.ndarray, sample_rate: int, folder: Path, clip_id: str | None = None) -> Path:
+    """Each request gets its own file (never a shared path), 16-bit PCM. A whole clip's file carries its clip id
+    in its name, so that the WAV an API caller got back is enough to continue the clip (`clip_id_in`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"music-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:10]}.wav"
+    tag = f"{clip_id}-{uuid.uuid4().hex[:6]}" if clip_id and _CLIP_ID.fullmatch(clip_id) else uuid.uuid4().hex[:10]
+    path = folder / f"music-{time.strftime('%Y%m%d-%H%M%S')}-{tag}.wav"
     path.write_bytes(wav_bytes(samples, sample_rate))
     return path
+
+
+_CLIP_ID = re.compile(r"[0-9a-f]{16}")
+_CLIP_FILE = re.compile(r"music-\d{8}-\d{6}-([0-9a-f]{16})-[0-9a-f]{6}\.wav")
+
+
+def clip_id_in(text: str) -> str:
+    """The clip id in a clip id, or in the path, URL or name of a whole clip's WAV (`write_wav`); else `text`."""
+    text = str(text).strip()
+    found = _CLIP_FILE.fullmatch(re.split(r"[/\\]", re.split(r"[?#]", text)[0])[-1])
+    return found.group(1) if found else text

@@ -367,9 +367,11 @@ class Pipeline:
         top_k, top_p, guidance_scale), missing ones at their defaults.
 
         `endless`: until cancelled, at most `endless_max_s` (duration_s is ignored). `continue_from`: the id of a
-        recent clip (`clip_id` of its chunks or of `generate`'s result) that this one continues; an empty prompt
-        then keeps that clip's prompt."""
-        earlier = self._clips.get(continue_from) if continue_from is not None else None
+        recent clip (`clip_id` of its chunks or of `generate`'s result, or the path or name of its saved WAV) that
+        this one continues; an empty prompt then keeps that clip's prompt."""
+        from .audio import clip_id_in
+
+        earlier = self._clips.get(clip_id_in(continue_from)) if continue_from is not None else None
         text, truncated = self.clean_text(prompt)
         if not text and earlier is not None:
             text = earlier.prompt
@@ -457,9 +459,11 @@ class Pipeline:
         finally:
             chunks.close()
 
-    def save_audio(self, parts: Sequence, sample_rate: int, after: str | Path | None = None) -> Path:
+    def save_audio(self, parts: Sequence, sample_rate: int, after: str | Path | None = None,
+                   clip_id: str | None = None) -> Path:
         """Streamed chunks (in order) joined into one WAV file of their own in the audio folder; `after`, an
-        earlier WAV of this folder (the clip an extension continues), goes first when it is still there."""
+        earlier WAV of this folder (the clip an extension continues), goes first when it is still there; a whole
+        clip's `clip_id` goes into the file name, so the file alone can be extended later."""
         import numpy as np
 
         from .audio import read_wav, write_wav
@@ -468,7 +472,7 @@ class Pipeline:
         earlier = Path(after) if after else None
         if earlier is not None and earlier.parent.resolve() == self.settings.audio_dir.resolve() and earlier.is_file():
             samples = np.concatenate([read_wav(earlier, sample_rate), samples])
-        return write_wav(samples, sample_rate, self.settings.audio_dir)
+        return write_wav(samples, sample_rate, self.settings.audio_dir, clip_id=clip_id)
 
     # -- video ----------------------------------------------------------------------------------------------------
     # MP4s go to the audio folder, so the janitor bounds them with the WAVs (age and total size)

@@ -1,6 +1,7 @@
 """The documented API, through gradio_client against the running app (demo models)."""
 
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,6 +221,16 @@ def test_stream_yields_chunks_then_the_whole_clip_and_extend_continues_it(client
     assert sum(e["seconds"] for e in more) == pytest.approx(2.0, abs=0.02)
     assert more[-1]["clip_id"] and more[-1]["clip_id"] != clip_id  # an extension can be extended in turn
     again = list(client.submit(more[-1]["clip_id"], 1.0, "", 13, api_name="/extend"))
+    assert sum(e["seconds"] for e in again) == pytest.approx(1.0, abs=0.02)
+
+
+def test_the_wav_generate_returned_is_enough_to_extend_it(client):
+    wav = client.predict("a slow waltz on a music box", 1.0, 5, api_name="/generate")
+    for handle in (wav, Path(wav).name):  # the path gradio_client downloaded to, or just the file's name
+        more = list(client.submit(handle, 1.0, "", 6, api_name="/extend"))
+        assert sum(e["seconds"] for e in more) == pytest.approx(1.0, abs=0.02)
+        assert more[-1]["clip_id"] in Path(more[-1]["wav"]).name  # and the extension's WAV can be extended in turn
+    again = list(client.submit(more[-1]["wav"], 1.0, "", 7, api_name="/extend"))
     assert sum(e["seconds"] for e in again) == pytest.approx(1.0, abs=0.02)
 
 
