@@ -111,8 +111,8 @@ class LowBitKernel:
         m = x.shape[0]
         y = torch.empty(m, packed.out_features, dtype=torch.float32)
         status = self._fn(x.data_ptr(), m, packed.in_features, packed.weight.data_ptr(), self.high_bits(packed),
-                          packed.scale.data_ptr(),
-                          packed.offset.data_ptr(), y.data_ptr(), packed.out_features, self.threads)
+                          packed.scale.data_ptr(), packed.offset.data_ptr(), y.data_ptr(), packed.out_features,
+                          self.threads)
         if status != 0:
             raise MemoryError("low-bit kernel could not allocate scratch memory")
         return y
