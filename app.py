@@ -764,9 +764,9 @@ def build_api(pipe: Pipeline, settings: Settings, handlers: Handlers):
                top_p: float = DEFAULT_SAMPLING.top_p, guidance_scale: float = DEFAULT_SAMPLING.guidance_scale,
                endless: bool = False, request: gr.Request = None) -> Iterator[dict]:
         """Continue a clip that /stream, /extend or /generate returned (its `clip_id`, or /generate's WAV) by
-        `duration_s` seconds, streamed like
-        /stream: the music goes on from where the clip ended, without a seam. A new `prompt` moves it toward
-        another mood (empty = the clip's own prompt). The app keeps the last 16 clips extendable.
+        `duration_s` seconds, streamed like /stream: the music goes on from where the clip ended, without a seam.
+        A new `prompt` moves it toward another mood (empty = the clip's own prompt). The app keeps the last 16 clips
+        extendable.
 
         Args:
             clip_id: the clip_id of a clip's last event from /stream or /extend, or the WAV that /generate returned
