@@ -660,7 +660,8 @@ def check_album(images: Sequence, boundaries_s: Sequence[float], duration: float
     least MIN_SLIDE_S within `duration`. Cheap: call it before the music is made, to fail fast."""
     count = len(images)
     if not MIN_PHOTOS <= count <= MAX_PHOTOS:
-        raise InputError(f"An album needs {MIN_PHOTOS} to {MAX_PHOTOS} photos; {count} were given.")
+        raise InputError(f"An album needs {MIN_PHOTOS} to {MAX_PHOTOS} photos; "
+                         f"{count} {'was' if count == 1 else 'were'} given.")
     bounds = [float(b) for b in boundaries_s]
     if len(bounds) != count - 1:
         raise InputError(f"{count} photos need {count - 1} change times; {len(bounds)} were given.")

@@ -242,7 +242,7 @@ def test_slideshow_mixed_shapes_take_the_first_photo_shape_or_square(inputs, tmp
 
 @pytest.mark.parametrize("count", [0, 1, 11])
 def test_an_album_needs_two_to_ten_photos(inputs, tmp_path, count):
-    with pytest.raises(InputError, match=f"2 to 10 photos; {count} were given"):
+    with pytest.raises(InputError, match=f"2 to 10 photos; {count} {'was' if count == 1 else 'were'} given"):
         media.slideshow([inputs["red.png"]] * count, [1.0] * max(0, count - 1), inputs["music.wav"], tmp_path)
 
 

@@ -59,7 +59,7 @@ def test_a_clip_gets_music_that_changes_at_its_cut(pipeline, two_scenes):
 
 
 def test_bad_albums_are_refused_before_any_music(pipeline, tmp_path):
-    with pytest.raises(InputError, match="2 to 10 photos; 1 were given"):
+    with pytest.raises(InputError, match="2 to 10 photos; 1 was given"):
         pipeline.album(PHOTOS[:1], 4, 1)
     with pytest.raises(InputError, match="2 to 10 photos; 11 were given"):
         pipeline.album((PHOTOS * 4)[:11], 30, 1)
