@@ -175,24 +175,33 @@ static void row(const uint8_t* wr, const uint8_t* hr, const uint16_t* dr, const 
 }
 #endif
 
+/* Activation rows a weight row is unpacked for at once: each row needs an integer and a float accumulator in
+   registers, so AVX-512's 32 registers take eight rows (four listeners with guidance) and AVX2's 16 take four. */
 #if ISA == 2
-/* Up to four activation rows against one weight row: the weights are unpacked once for all of them (a batch of
-   listeners costs one unpacking per four rows, not per two). Each row keeps its own accumulators and order of
+#define MAXR 8
+#else
+#define MAXR 4
+#endif
+
+#if ISA == 2
+/* Up to MAXR activation rows against one weight row: the weights are unpacked once for all of them (a batch of
+   four listeners costs one unpacking, not one per two rows). Each row keeps its own accumulators and order of
    operations, so its result does not depend on which rows share the call. */
-static inline __attribute__((always_inline)) void rows4(
+static inline __attribute__((always_inline)) void row_block(
         const uint8_t* wr, const uint8_t* hr, const uint16_t* dr, const uint16_t* mr, int bits, int nr,
         const int8_t* const* x, const float* const* sc, const float* const* of, int K, float* y) {
     const int ns = K / SB;
     const __m512i low = _mm512_set1_epi8(0x0F);
     const __m512i sixteen = _mm512_set1_epi8(16);
-    __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 f[MAXR];
+    for (int r = 0; r < nr; r++) f[r] = _mm512_setzero_ps();
     for (int s = 0; s < ns; s++) {
         const uint8_t* wb = wr + s * (SB / 2);
         const uint8_t* hb = hr + s * 64;
         for (int p = 0; p < 256; p += 64) _mm_prefetch((const char*)(wb + PREFETCH + p), _MM_HINT_T0);
         if (bits == 5) _mm_prefetch((const char*)(hb + PREFETCH / 4), _MM_HINT_T0);
-        __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                        _mm512_setzero_si512()};
+        __m512i a[MAXR];
+        for (int r = 0; r < nr; r++) a[r] = _mm512_setzero_si512();
         for (int i = 0; i < 4; i++) {
             const __m512i b = _mm512_loadu_si512((const void*)(wb + 64 * i));
             __m512i lo = _mm512_and_si512(b, low);
@@ -220,7 +229,7 @@ static inline __attribute__((always_inline)) void rows4(
 #elif ISA == 1
 /* The same on AVX2: 32 bytes at a time, so each superblock is two halves of 8 groups; vpdpbusd is vpmaddubsw
    (pairs into 16 bits) and, every four of those, vpmaddwd (into each group's 32-bit lane). */
-static inline __attribute__((always_inline)) void rows4(
+static inline __attribute__((always_inline)) void row_block(
         const uint8_t* wr, const uint8_t* hr, const uint16_t* dr, const uint16_t* mr, int bits, int nr,
         const int8_t* const* x, const float* const* sc, const float* const* of, int K, float* y) {
     const int ns = K / SB;
@@ -381,28 +390,28 @@ static int matmul(const float* x, int M, int K, const packed_t* W, float* y, int
         const uint16_t* dr = W->d + (size_t)n * ng;
         const uint16_t* mr = W->mn + (size_t)n * ng;
 #if ISA >= 1
-        for (int m0 = 0; m0 < M; m0 += 4) {
-            const int nr = M - m0 < 4 ? M - m0 : 4;
-            const int8_t* xr[4];
-            const float* sr[4];
-            const float* orr[4];
+        for (int m0 = 0; m0 < M; m0 += MAXR) {
+            const int nr = M - m0 < MAXR ? M - m0 : MAXR;
+            const int8_t* xr[MAXR];
+            const float* sr[MAXR];
+            const float* orr[MAXR];
             for (int r = 0; r < nr; r++) {
                 xr[r] = xq + (size_t)(m0 + r) * K;
                 sr[r] = xs + (size_t)(m0 + r) * ng;
                 orr[r] = xsum + (size_t)(m0 + r) * ng;
             }
-            float v[4];
+            float v[MAXR];
             /* constant row counts and widths, so each combination gets its own unrolled loop */
-            switch (nr * 8 + (hr ? 5 : 4)) {
-                case 12: rows4(wr, hr, dr, mr, 4, 1, xr, sr, orr, K, v); break;
-                case 13: rows4(wr, hr, dr, mr, 5, 1, xr, sr, orr, K, v); break;
-                case 20: rows4(wr, hr, dr, mr, 4, 2, xr, sr, orr, K, v); break;
-                case 21: rows4(wr, hr, dr, mr, 5, 2, xr, sr, orr, K, v); break;
-                case 28: rows4(wr, hr, dr, mr, 4, 3, xr, sr, orr, K, v); break;
-                case 29: rows4(wr, hr, dr, mr, 5, 3, xr, sr, orr, K, v); break;
-                case 36: rows4(wr, hr, dr, mr, 4, 4, xr, sr, orr, K, v); break;
-                default: rows4(wr, hr, dr, mr, 5, 4, xr, sr, orr, K, v); break;
+#define ROWS_CASE(n) case n: if (hr) row_block(wr, hr, dr, mr, 5, n, xr, sr, orr, K, v); \
+                             else row_block(wr, hr, dr, mr, 4, n, xr, sr, orr, K, v); break;
+            switch (nr) {
+                ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3)
+#if MAXR > 4
+                ROWS_CASE(5) ROWS_CASE(6) ROWS_CASE(7) ROWS_CASE(8)
+#endif
+                default: ROWS_CASE(4)
             }
+#undef ROWS_CASE
             for (int r = 0; r < nr; r++) {
                 float value = v[r];
                 if (act == ACT_GELU) value = gelu(value);
