@@ -655,16 +655,19 @@ def even_boundaries(count: int, duration_s: float) -> list[float]:
     return [duration_s * k / count for k in range(1, count)]
 
 
+def _given(count: int) -> str:
+    return f"{count} {'was' if count == 1 else 'were'} given"
+
+
 def check_album(images: Sequence, boundaries_s: Sequence[float], duration: float) -> list[float]:
     """The change times as floats, or an InputError: 2–10 photos, one time fewer than photos, each photo shown at
     least MIN_SLIDE_S within `duration`. Cheap: call it before the music is made, to fail fast."""
     count = len(images)
     if not MIN_PHOTOS <= count <= MAX_PHOTOS:
-        raise InputError(f"An album needs {MIN_PHOTOS} to {MAX_PHOTOS} photos; "
-                         f"{count} {'was' if count == 1 else 'were'} given.")
+        raise InputError(f"An album needs {MIN_PHOTOS} to {MAX_PHOTOS} photos; {_given(count)}.")
     bounds = [float(b) for b in boundaries_s]
     if len(bounds) != count - 1:
-        raise InputError(f"{count} photos need {count - 1} change times; {len(bounds)} were given.")
+        raise InputError(f"{count} photos need {count - 1} change times; {_given(len(bounds))}.")
     edges = [0.0, *bounds, duration]
     if not all(math.isfinite(b) for b in bounds) or any(b - a < MIN_SLIDE_S for a, b in zip(edges, edges[1:])):
         raise InputError(f"Each photo must be shown for at least {MIN_SLIDE_S:g} s within the music's "
