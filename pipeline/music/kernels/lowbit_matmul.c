@@ -185,7 +185,7 @@ static void row(const uint8_t* wr, const uint8_t* hr, const uint16_t* dr, const 
 
 #if ISA == 2
 /* Up to MAXR activation rows against one weight row: the weights are unpacked once for all of them (a batch of
-   four listeners costs one unpacking, not one per two rows). Each row keeps its own accumulators and order of
+   four listeners with guidance costs one unpacking, not two). Each row keeps its own accumulators and order of
    operations, so its result does not depend on which rows share the call. */
 static inline __attribute__((always_inline)) void row_block(
         const uint8_t* wr, const uint8_t* hr, const uint16_t* dr, const uint16_t* mr, int bits, int nr,
