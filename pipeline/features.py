@@ -63,19 +63,22 @@ SPACE_SOURCE: tuple[str, ...] = tuple("key" if c.startswith("key_") else c for c
 def _bounded(features: np.ndarray) -> np.ndarray:
     """Step 1 and 2: (n, 13) Spotify units → (n, 14) bounded columns, NaN kept where a value is missing."""
     x = np.asarray(features, dtype=np.float64)
+    v = np.clip(x, _LOW, _HIGH)  # one call for every column: the why column transforms a row per song shown
+    v[:, _LOGGED] = np.log(v[:, _LOGGED])
     out = np.empty((x.shape[0], len(SPACE_COLUMNS)), dtype=np.float64)
-    col = 0
-    for i, name in enumerate(FEATURES):
-        v = x[:, i]
-        if name == "key":
-            angle = (np.mod(v, 12) * 7 % 12) * (2 * math.pi / 12)  # semitones → position on the circle of fifths
-            out[:, col], out[:, col + 1] = np.cos(angle), np.sin(angle)
-            col += 2
-            continue
-        v = np.clip(v, *BOUNDS[name])
-        out[:, col] = np.log(v) if name in LOG_SCALED else v
-        col += 1
+    out[:, _PLAIN_COLUMNS] = v[:, _PLAIN_SOURCES]
+    angle = (np.mod(x[:, _KEY], 12) * 7 % 12) * (2 * math.pi / 12)  # semitones → position on the circle of fifths
+    out[:, _KEY_COLUMN], out[:, _KEY_COLUMN + 1] = np.cos(angle), np.sin(angle)
     return out
+
+
+_LOW = np.array([BOUNDS[f][0] for f in FEATURES])
+_HIGH = np.array([BOUNDS[f][1] for f in FEATURES])
+_LOGGED = [FEATURES.index(f) for f in LOG_SCALED]
+_KEY = FEATURES.index("key")
+_KEY_COLUMN = SPACE_COLUMNS.index("key_cos")
+_PLAIN_COLUMNS = [i for i, c in enumerate(SPACE_COLUMNS) if not c.startswith("key_")]
+_PLAIN_SOURCES = [FEATURES.index(c) for c in SPACE_COLUMNS if not c.startswith("key_")]
 
 
 def as_matrix(features: Mapping[str, float] | Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:

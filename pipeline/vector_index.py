@@ -80,6 +80,10 @@ def load(path: Path, nprobe: int | None = None):
     index = faiss.read_index(str(path))
     if nprobe is not None and hasattr(index, "nprobe"):
         index.nprobe = nprobe
+    if hasattr(index, "make_direct_map"):
+        # an inverted-file index reconstructs a row (a partial query's re-ranking, a fused list's score) only
+        # through its direct map, 8 bytes a row; without it those raise
+        index.make_direct_map()
     return index
 
 

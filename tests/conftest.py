@@ -29,6 +29,28 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def reference_feature_scores(space, matrix, query: dict):
+    """What the audio-feature search ranks by, written out from the public pieces and independently of its search
+    paths: sound similarity over the features the query gives, times the mood fit when it gives every mood
+    feature (`pipeline.song_moods`). `matrix`: (n, 13) Spotify units."""
+    import numpy as np
+
+    from pipeline import song_moods
+    from pipeline.features import FEATURES
+
+    present = np.array([f in query for f in FEATURES])
+    columns = space.column_mask(present)
+    full = np.array([[query.get(f, 0.0) for f in FEATURES]])
+    vectors = space.transform(matrix)[:, columns].astype(float)
+    target = space.transform(full)[0, columns].astype(float)
+    scores = np.exp(-np.sum((vectors - target) ** 2, axis=1) / (space.tau * space.weight_share(present)))
+    model = song_moods.load()
+    if all(f in query for f in model.features):
+        mine = model.probabilities(full)[0]
+        scores *= model.probabilities(matrix) @ mine / mine.max()
+    return scores
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -7,12 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import recommend
+from pipeline import recommend, song_moods
 from pipeline.catalog import Catalog, spotify_url
 from pipeline.catalog_schema import words
 from pipeline.errors import IndexIntegrityError, InputError
 from pipeline.features import FEATURES, SPACE_SOURCE, FeatureSpace
 from scripts import build_index as b
+from tests.conftest import reference_feature_scores
+
+EVAL_DIR = b.DEFAULT_DATA_DIR.parent / "eval"
 
 
 def _table(catalog):
@@ -56,15 +59,55 @@ def test_feature_search_matches_brute_force_and_scores_are_ordered(catalog):
     with_features = songs[songs.has_features]
     query = with_features.iloc[5][list(FEATURES)].to_dict()
     matches = catalog.search_features(query, k=10)
-    vectors = catalog.space.transform(with_features[list(FEATURES)].to_numpy(dtype=float))
-    target = catalog.space.transform(np.array([[query[f] for f in FEATURES]]))[0]
-    brute = with_features["id"].to_numpy()[np.argsort(np.sum((vectors - target) ** 2, axis=1), kind="stable")[:10]]
-    assert [m.song_id for m in matches] == brute.tolist()
-    assert matches[0].song_id == int(with_features.iloc[5]["id"]) and matches[0].score == pytest.approx(1.0)
+    everyone = np.ones(len(songs), dtype=bool)
+    assert [m.song_id for m in matches] == _brute_force(catalog, songs, query, everyone, 10)
+    reference = dict(zip(with_features["id"], _reference_scores(catalog, with_features, query)))
+    assert [m.score for m in matches] == pytest.approx([reference[m.song_id] for m in matches], abs=1e-4)
+    assert matches[0].song_id == int(with_features.iloc[5]["id"])  # a song is its own nearest, mood included
     scores = [m.score for m in matches]
     assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
-    assert matches[0].why.startswith("close on")
+    assert re.fullmatch(r"\w+ mood \d\.\d\d ↔ \d\.\d\d; close on .+", matches[0].why), matches[0].why
     assert set(matches[0].features) == set(FEATURES)
+
+
+def test_songs_of_the_querys_mood_rank_above_nearer_songs_of_another(catalog):
+    """The mean of the mood table's happy tracks sits among energetic ones; the search still returns happy songs,
+    at a small cost in sound similarity, and says which mood it matched."""
+    moods = pd.read_csv(EVAL_DIR / "moods_dev.csv")
+    happy = moods[moods.mood == "happy"][[f for f in FEATURES if f in moods]].mean().to_dict()
+    model = song_moods.load()
+    column = model.moods.index("happy")
+    found = catalog.search_features(happy, k=10)
+    catalog.use_song_moods(None)
+    try:
+        plain = catalog.search_features(happy, k=10)
+    finally:
+        catalog.use_song_moods(model)
+    songs = _table(catalog).set_index("id")
+
+    def happiness(matches):
+        return model.probabilities(songs.loc[[m.song_id for m in matches], list(FEATURES)].to_numpy(float))[:, column]
+
+    assert happiness(found).mean() > happiness(plain).mean() + 0.1
+    assert all(m.why.startswith("happy mood") for m in found) and "mood" not in plain[0].why
+    assert np.mean([m.score for m in plain]) > 0.8  # the plain list is near in sound, yet of another mood
+
+
+def test_the_song_mood_model_is_the_fit_of_its_table():
+    from scripts import fit_song_moods
+
+    assert fit_song_moods.main(["--check"]) == 0
+    model = song_moods.load()
+    assert model.moods == ("calm", "energetic", "happy", "sad")
+    means = pd.read_csv(EVAL_DIR / "moods_dev.csv").groupby("mood")[list(model.features)].mean()
+    full = np.full((4, len(FEATURES)), np.nan)
+    for i, mood in enumerate(model.moods):
+        for f in model.features:
+            full[i, FEATURES.index(f)] = means.loc[mood, f]
+    assert model.probabilities(full).argmax(axis=1).tolist() == [0, 1, 2, 3]  # each mood's mean reads as itself
+    unknown = model.probabilities(np.full((1, len(FEATURES)), np.nan))
+    assert model.fit_to(model.probabilities(full)[2], unknown)[0] == pytest.approx(
+        0.25 / model.probabilities(full)[2].max())
 
 
 def test_vector_and_mapping_queries_agree_and_exclusions_apply(catalog):
@@ -441,13 +484,14 @@ def _passes(songs, filters) -> np.ndarray:
     return mask
 
 
+def _reference_scores(catalog, keep, query: dict) -> np.ndarray:
+    return reference_feature_scores(catalog.space, keep[list(FEATURES)].to_numpy(dtype=float), query)
+
+
 def _brute_force(catalog, songs, query: dict, mask: np.ndarray, k: int) -> list[int]:
     keep = songs[mask & songs.has_features.to_numpy()]
-    columns = catalog.space.column_mask(np.array([f in query for f in FEATURES]))
-    vectors = catalog.space.transform(keep[list(FEATURES)].to_numpy(dtype=float))[:, columns]
-    full = np.array([[query.get(f, 0.0) for f in FEATURES]])
-    target = catalog.space.transform(full)[0, columns]
-    return keep["id"].to_numpy()[np.argsort(np.sum((vectors - target) ** 2, axis=1), kind="stable")[:k]].tolist()
+    scores, ids = _reference_scores(catalog, keep, query), keep["id"].to_numpy()
+    return ids[np.lexsort((ids, -scores))[:k]].tolist()
 
 
 @pytest.mark.parametrize("filters", [
@@ -467,6 +511,31 @@ def test_filtered_feature_search_is_exact(catalog, filters):
     found = catalog.search_features(partial, k=10, filters=filters)
     assert [m.song_id for m in found] == _brute_force(catalog, songs, partial, mask, 10)
     assert all(mask[m.song_id] for m in found)
+
+
+def test_the_mood_ranking_on_an_inverted_file_index_grows_its_candidates_until_exact(small_index, tmp_path,
+                                                                                    monkeypatch):
+    """Above the exact limit the candidates come nearest-first from the index; the ranking is final once the last
+    kept score reaches the farthest candidate's similarity. Every list probed: the result must equal brute force."""
+    from pipeline import catalog as catalog_module
+    from pipeline import catalog_schema, vector_index
+
+    copy = tmp_path / "ivf"
+    shutil.copytree(small_index, copy)
+    flat = vector_index.load(copy / catalog_schema.FEATURE_INDEX)
+    ivf = vector_index.build(vector_index.all_vectors(flat), "l2", exact_limit=100, nprobe=10_000)
+    assert not vector_index.is_exact(ivf)
+    vector_index.save(ivf, copy / catalog_schema.FEATURE_INDEX)
+    monkeypatch.setattr(catalog_module, "MOOD_CANDIDATES", 1)  # the first draw: k songs, too few to be final
+    catalog = Catalog.load(copy, verify=False)
+    songs = _table(catalog)
+    moods = pd.read_csv(EVAL_DIR / "moods_dev.csv")
+    for mood in ("happy", "calm"):
+        query = moods[moods.mood == mood][[f for f in FEATURES if f in moods]].mean().to_dict()
+        for filters in (None, {"genre": "pop"}):
+            mask = _passes(songs, filters or {})
+            found = catalog.search_features(query, k=10, filters=filters)
+            assert [m.song_id for m in found] == _brute_force(catalog, songs, query, mask, 10), (mood, filters)
 
 
 def test_every_list_holds_the_best_songs_that_pass(catalog):

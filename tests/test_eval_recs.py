@@ -55,4 +55,6 @@ def test_a_small_slice_runs_end_to_end(small_index, tmp_path):
     assert 0.0 <= methods["catalog"]["mood_consistency"] <= 1.0
     assert set(methods["catalog"]["mood_per_mood"]) == {"calm", "energetic", "happy", "sad"}
     assert methods["catalog"]["lyric_search_p50_ms"] > 0
+    halves = methods["catalog"]["mood_consistency_on_halves"]
+    assert halves["splits"] == 3 and 0.0 <= halves["without_mood_fit_mean"] <= halves["mean"] <= 1.0, halves
     assert result["theme_queries"] == 6 and result["noisy_queries"] == 6
