@@ -287,7 +287,7 @@ class Catalog:
         k = check_k(k)
         query, present = _feature_query(features)
         ranked = self._feature_ranking(query, present, k, exclude_ids, self.passing(filters))
-        return [self._feature_match(song, score, query, present) for song, score in ranked]
+        return self._feature_matches(ranked, query, present)
 
     def _feature_ranking(self, query: np.ndarray, present: np.ndarray, k: int,
                          exclude_ids: Sequence[int] = (), passing: np.ndarray | None = None) -> list[tuple[int, float]]:
@@ -354,23 +354,28 @@ class Catalog:
                     self._row_norms = np.einsum("ij,ij->i", vectors, vectors)
         return self._vectors64, self._row_norms
 
-    def _sound_evidence(self, song: int, query: np.ndarray, present: np.ndarray) -> str:
-        """'happy mood 0.60 ↔ 0.93; close on energy 0.82 ↔ 0.80, …': the shared mood, then the closest features."""
-        values = self._features[song]
+    def _sound_evidence(self, songs: Sequence[int], query: np.ndarray, present: np.ndarray) -> list[str]:
+        """Per song: 'happy mood 0.60 ↔ 0.93; close on energy 0.82 ↔ 0.80, …', the shared mood, then the closest
+        features."""
+        values = self._features[list(songs)]
         close = closest_features(query[0], values, present, self.space)
-        parts = []
         mood = self._query_moods(query, present)
-        row = self._feature_row[song]
-        described = self._moods.describe(mood, self._row_moods[row]) if mood is not None and row >= 0 else ""
-        if described:
-            parts.append(described)
-        if close:
-            parts.append("close on " + ", ".join(describe_pair(n, query[0][FEATURES.index(n)],
-                                                               values[FEATURES.index(n)]) for n in close))
-        return "; ".join(parts)
+        out = []
+        for song, row_values, names in zip(songs, values, close):
+            parts = []
+            row = self._feature_row[song]
+            if mood is not None and row >= 0:
+                parts.append(self._moods.describe(mood, self._row_moods[row]))
+            if names:
+                parts.append("close on " + ", ".join(describe_pair(n, query[0][FEATURES.index(n)],
+                                                                   row_values[FEATURES.index(n)]) for n in names))
+            out.append("; ".join(parts))
+        return out
 
-    def _feature_match(self, song: int, score: float, query: np.ndarray, present: np.ndarray) -> SongMatch:
-        return self._match(song, score, self._sound_evidence(song, query, present))
+    def _feature_matches(self, ranked: Sequence[tuple[int, float]], query: np.ndarray,
+                         present: np.ndarray) -> list[SongMatch]:
+        evidence = self._sound_evidence([song for song, _ in ranked], query, present)
+        return [self._match(song, score, why) for (song, score), why in zip(ranked, evidence)]
 
     def _nearest_by_features(self, query: np.ndarray, present: np.ndarray, want: int,
                              passing: np.ndarray | None = None, enough: int | None = None):
@@ -490,10 +495,14 @@ class Catalog:
                 if score is not None:
                     lyric_scores[song] = score
         fused = []
-        for song, score, ranks in recommend.fuse({"features": feature_scores, "lyrics": lyric_scores})[:k]:
+        best = recommend.fuse({"features": feature_scores, "lyrics": lyric_scores})[:k]
+        sound = dict(zip([song for song, _, ranks in best if "features" in ranks],
+                         self._sound_evidence([song for song, _, ranks in best if "features" in ranks], query, present)
+                         if query is not None else []))
+        for song, score, ranks in best:
             parts = []
             if "features" in ranks:
-                evidence = self._sound_evidence(song, query, present)
+                evidence = sound[song]
                 parts.append(f"sound #{ranks['features']}" + (f" ({evidence})" if evidence else ""))
             if "lyrics" in ranks:
                 evidence = self._lyric_evidence(found, song)
@@ -501,7 +510,7 @@ class Catalog:
             fused.append(self._match(song, score, " · ".join(parts)))
         by_features = sorted(feature_scores.items(), key=lambda item: (-item[1], item[0]))[:k] if query is not None \
             else []
-        return ([self._feature_match(song, score, query, present) for song, score in by_features],
+        return (self._feature_matches(by_features, query, present) if by_features else [],
                 [self._match(song, score, self._lyric_evidence(found, song)) for song, score in lyric_top[:k]],
                 fused)
 

@@ -174,17 +174,28 @@ class FeatureSpace:
                    tau=float(data["tau"]))
 
 
-def closest_features(query: np.ndarray, song: np.ndarray, present: np.ndarray, space: FeatureSpace,
-                     limit: int = 3) -> list[str]:
-    """Names of the weighty features on which a song is closest to the query, for the 'why' column."""
-    q = space.transform(query.reshape(1, -1))[0]
-    s = space.transform(song.reshape(1, -1))[0]
-    gaps: dict[str, float] = {}
-    for col, source in enumerate(SPACE_SOURCE):
-        # only the mood-bearing features: agreeing on mode or near-zero instrumentalness explains little
-        if present[FEATURES.index(source)] and WEIGHTS[source] >= 1.0 and not np.isnan(song[FEATURES.index(source)]):
-            gaps[source] = gaps.get(source, 0.0) + float((q[col] - s[col]) ** 2) / WEIGHTS[source] ** 2
-    return sorted(gaps, key=lambda name: (gaps[name], -WEIGHTS[name]))[:limit]
+def closest_features(query: np.ndarray, songs: np.ndarray, present: np.ndarray, space: FeatureSpace,
+                     limit: int = 3) -> list[list[str]]:
+    """For each song (a row of `songs`, Spotify units), the names of the weighty features on which it is closest
+    to the query, for the 'why' column. All rows are transformed in one call: a list of songs costs one pass."""
+    songs = np.atleast_2d(np.asarray(songs, dtype=np.float64))
+    q = space.transform(np.asarray(query, dtype=np.float64).reshape(1, -1))[0]
+    squared = (space.transform(songs) - q) ** 2
+    gaps = np.zeros((len(songs), len(FEATURES)))
+    np.add.at(gaps.T, _SOURCE_INDEX, squared.T)  # key's two columns add up to one feature
+    gaps /= _WEIGHT_VALUES ** 2
+    # only the mood-bearing features: agreeing on mode or near-zero instrumentalness explains little
+    eligible = np.asarray(present, dtype=bool) & (_WEIGHT_VALUES >= 1.0)
+    gaps = np.where(eligible & ~np.isnan(songs), gaps, np.inf)
+    out = []
+    for row in gaps:
+        names = [FEATURES[i] for i in np.flatnonzero(np.isfinite(row))]
+        out.append(sorted(names, key=lambda name: (row[FEATURES.index(name)], -WEIGHTS[name]))[:limit])
+    return out
+
+
+_SOURCE_INDEX = np.array([FEATURES.index(source) for source in SPACE_SOURCE])
+_WEIGHT_VALUES = np.array([WEIGHTS[f] for f in FEATURES])
 
 
 def describe_pair(name: str, wanted: float, found: float) -> str:
