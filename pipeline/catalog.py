@@ -313,20 +313,25 @@ class Catalog:
         share = self.space.weight_share(present)
         allowed = None if passing is None else passing[self._feature_song_ids]
         if vector_index.is_exact(self._feature_index):
-            # every row scored (about 1.5 ms for 115k songs): no song is lost to a candidate cut
+            # every song that passes is measured: none is lost to a candidate cut
             vector = self.space.transform(query)[0].astype(np.float64)
             mask = self.space.column_mask(present)
             vectors, norms = self._vectors_and_norms()
             rows = np.arange(len(norms)) if allowed is None else np.flatnonzero(allowed)
-            if len(rows) < len(norms) // 4:  # a narrow filter: only the rows that pass are worth reading
+            narrow = len(rows) < len(norms) // 4
+            if narrow:  # only the rows that pass are worth reading
                 vectors, norms = vectors[rows], norms[rows]
             if mask.all():
-                d2 = np.maximum(norms - 2.0 * (vectors @ vector) + float(vector @ vector), 0.0)
+                d2 = vectors @ vector
+                d2 *= -2.0
+                d2 += norms
+                d2 += float(vector @ vector)
+                np.maximum(d2, 0.0, out=d2)
             else:
                 d2 = _squared_distances(vectors, vector, mask)
-            moods = self._row_moods if len(d2) == len(self._row_moods) else self._row_moods[rows]
-            scores = self.space.similarity(d2, share) * self._moods.fit_to(mood, moods)
-            if len(scores) > len(rows):
+            scores = self.space.similarity(d2, share)
+            scores *= self._moods.fit_to(mood, self._row_moods[rows] if narrow else self._row_moods)
+            if allowed is not None and not narrow:
                 scores = scores[rows]
             top = _largest(scores, rows, want)
             return rows[top], scores[top]
