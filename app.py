@@ -1028,7 +1028,9 @@ def build_layout(pipe: Pipeline, settings: Settings) -> tuple[gr.Blocks, Layout]
                         "(CC BY 4.0), the Spotify Tracks Dataset (M. Pandya, 2022; ODbL 1.0: the catalog is a "
                         "database under the ODbL), Billboard year-end lyrics 1965–2015 and the Music Dataset "
                         "1950–2019 (Moura et al., CC BY 4.0). Lyrics are never stored or shown: only embeddings and "
-                        "keywords. Genre families: pipeline/genre_families.json.")
+                        "keywords. Genre families: pipeline/genre_families.json. *By sound* puts songs of the "
+                        "photo's mood (calm, energetic, happy, sad) first; the moods are four centroids fitted on "
+                        "343 tracks labelled by people (pipeline/song_moods.json).")
         ui.footer = gr.Markdown(status_markdown(pipe, settings), elem_id="status-footer")
         ui.timer = gr.Timer(1.5)
     return demo, ui
