@@ -14,8 +14,8 @@ settings (`I2M_EMBEDDER_MODEL`, pinned revision) on the first lyric search; the 
 calls `attach_embedder`) to share its already-loaded copy. Either way the embedder's fingerprint is checked against
 the manifest.
 
-How scores are computed is documented in `pipeline.features` (audio features) and `pipeline.recommend`
-(the lyric rule, calibration, fusion); the file contract is `pipeline.catalog_schema`. This module loads and
+How scores are computed is documented in `pipeline.features` (audio features), `pipeline.song_moods` (the mood
+fit that multiplies the feature similarity) and `pipeline.recommend` (the lyric rule, calibration, fusion); the file contract is `pipeline.catalog_schema`. This module loads and
 verifies the files and turns rows into `SongMatch`es with a *why* that names the evidence.
 """
 
@@ -501,9 +501,8 @@ class Catalog:
                     lyric_scores[song] = score
         fused = []
         best = recommend.fuse({"features": feature_scores, "lyrics": lyric_scores})[:k]
-        sound = dict(zip([song for song, _, ranks in best if "features" in ranks],
-                         self._sound_evidence([song for song, _, ranks in best if "features" in ranks], query, present)
-                         if query is not None else []))
+        by_sound = [song for song, _, ranks in best if "features" in ranks]
+        sound = dict(zip(by_sound, self._sound_evidence(by_sound, query, present))) if by_sound else {}
         for song, score, ranks in best:
             parts = []
             if "features" in ranks:
