@@ -332,7 +332,8 @@ def _table(result: dict) -> str:
     if halves:
         rows.append(f"\nmood consistency out of sample (song-mood model refitted on a random half of the mood table, "
                     f"measured on the other, {halves['splits']} splits): {halves['mean']:.3f} ± {halves['sd']:.3f}; "
-                    f"without the mood fit {halves['without_mood_fit_mean']:.3f} ± {halves['without_mood_fit_sd']:.3f}")
+                    f"without the mood fit {halves['without_mood_fit_mean']:.3f} "
+                    f"± {halves['without_mood_fit_sd']:.3f}")
     return "\n".join(rows)
 
 

@@ -609,6 +609,27 @@ def test_the_index_checks_a_filter_inside_its_scan_exact_and_inverted_file():
     assert sorted(r for r in few[0].tolist() if r >= 0) == [0, 1, 2, 3]  # fewer pass than asked: all of them
 
 
+def test_an_inverted_file_index_probes_more_lists_when_asked():
+    from pipeline import vector_index
+
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(3000, 14)).astype(np.float32)
+    ivf = vector_index.build(vectors, "l2", exact_limit=100, nprobe=1)
+    queries = vectors[:40] + 0.3 * rng.normal(size=(40, 14)).astype(np.float32)
+    truth = np.argsort(((queries[:, None, :] - vectors[None]) ** 2).sum(-1), axis=1)[:, :10]
+
+    def recall(**options):
+        found = [vector_index.search(ivf, q, 10, **options)[1][0] for q in queries]
+        return np.mean([len(set(f.tolist()) & set(t.tolist())) / 10 for f, t in zip(found, truth)])
+
+    assert recall() < 0.9 and recall(probe_factor=ivf.nlist) == 1.0  # every list probed: exact
+    allowed = rng.random(3000) < 0.5
+    _, rows = vector_index.search(ivf, queries[0], 10, allowed=allowed, probe_factor=ivf.nlist)
+    nearest = np.argsort(((vectors[allowed] - queries[0]) ** 2).sum(1))[:10]
+    assert rows[0].tolist() == np.flatnonzero(allowed)[nearest].tolist()
+    assert ivf.nprobe == 1  # the index itself is left as it was
+
+
 def test_embeddings_are_cached_per_text_whatever_the_order(tmp_path):
     from types import SimpleNamespace
 
