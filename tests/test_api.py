@@ -57,6 +57,10 @@ def test_recommend_by_text_and_by_features(client):
     features = {"valence": 0.9, "energy": 0.8, "tempo": 124}
     both = client.predict("summer party", 4, features, api_name="/recommend")
     assert {"songs_by_lyrics", "songs_by_features", "songs_fused"} == set(both)
+    assert not any("mood" in s["why"] for s in both["songs_by_features"])  # no acousticness: by sound alone
+    happy = {"valence": 0.9, "energy": 0.8, "danceability": 0.8, "acousticness": 0.1}
+    found = client.predict("", 4, happy, api_name="/recommend")["songs_by_features"]
+    assert len(found) == 4 and all(s["why"].startswith("happy mood ") for s in found), found
 
 
 def test_recommend_and_analyze_take_filters(client):
