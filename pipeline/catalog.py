@@ -205,13 +205,8 @@ class Catalog:
         """The mood model of the feature search (`pipeline.song_moods`; None: sound similarity alone). For a refit
         and for measuring one (`scripts/eval_recs.py`), not while searches run; the app keeps the shipped model."""
         # each feature row's mood probabilities: the feature search prefers songs that share the query's mood
-        rows = self._moods_for_rows(model)
+        rows = np.zeros((0, 0)) if model is None else model.probabilities(self._features[self._feature_song_ids])
         self._moods, self._row_moods = model, rows
-
-    def _moods_for_rows(self, model) -> np.ndarray:
-        if model is None:
-            return np.zeros((0, 0))
-        return model.probabilities(self._features[self._feature_song_ids])
 
     def attach_embedder(self, embedder) -> None:
         """Use `embedder` for lyric queries after checking its fingerprint against the manifest."""
@@ -496,10 +491,7 @@ class Catalog:
         lyric_scores = dict(lyric_top)
         # complete both rankings over the whole candidate pool, so a song strong on both sides is seen as such
         if query is not None:
-            for song in set(lyric_scores) - set(feature_scores):
-                score = self._feature_score_for(query, present, song)
-                if score is not None:
-                    feature_scores[song] = score
+            feature_scores.update(self._feature_scores_for(query, present, set(lyric_scores) - set(feature_scores)))
         if found is not None:
             for song in set(feature_scores) - set(lyric_scores):
                 score = self._lyric_score_for(found, song)
@@ -524,17 +516,21 @@ class Catalog:
                 [self._match(song, score, self._lyric_evidence(found, song)) for song, score in lyric_top[:k]],
                 fused)
 
-    def _feature_score_for(self, query: np.ndarray, present: np.ndarray, song: int) -> float | None:
-        row = self._feature_row[song]
-        if row < 0:
-            return None
+    def _feature_scores_for(self, query: np.ndarray, present: np.ndarray, songs) -> dict[int, float]:
+        """The feature score of each given song that has features, as the ranking computes it; the query is
+        transformed and its mood read once for the whole set."""
+        songs = sorted(s for s in songs if self._feature_row[s] >= 0)
+        if not songs:
+            return {}
+        rows = self._feature_row[songs]
         vector = self.space.transform(query)[0]
         mask = self.space.column_mask(present)
-        song_vector = self._feature_index.reconstruct(int(row))
-        d2 = float(np.sum((song_vector[mask] - vector[mask]) ** 2))
-        score = float(self.space.similarity(np.array([d2]), self.space.weight_share(present))[0])
+        vectors = np.vstack([self._feature_index.reconstruct(int(row)) for row in rows])
+        scores = self.space.similarity(_squared_distances(vectors, vector, mask), self.space.weight_share(present))
         mood = self._query_moods(query, present)
-        return score if mood is None else score * float(self._moods.fit_to(mood, self._row_moods[row][None])[0])
+        if mood is not None:
+            scores = scores * self._moods.fit_to(mood, self._row_moods[rows])
+        return {int(song): float(score) for song, score in zip(songs, scores)}
 
     # -- rows -----------------------------------------------------------------------------------------------------
     def _match(self, song: int, score: float, why: str) -> SongMatch:

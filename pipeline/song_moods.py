@@ -2,8 +2,9 @@
 
 A nearest-centroid model over the mood-bearing audio features (valence, energy, danceability, acousticness),
 standardised with the labelled table's statistics: `p(mood | x) ∝ exp(-½·‖z(x) − centroid_mood‖²)`, every
-mood with the same prior and the same spread. It is data, `song_moods.json`, fitted by `scripts/fit_song_moods.py` on a
-table of tracks labelled by people (the development mood table of `../shared/eval`); the file records which table.
+mood with the same prior and the same spread. It is data, `song_moods.json`, fitted by
+`scripts/fit_song_moods.py` on a table of tracks labelled by people (the development mood table of
+`../shared/eval`); the file records which table.
 
 Why the feature search needs it: a query's nearest songs need not share its mood. The mean features of the
 development table's *happy* tracks sit among energetic ones, so the plain nearest songs are energetic. The search

@@ -95,16 +95,15 @@ def search(index, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = N
     faiss = _faiss()
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     k = max(1, min(k, index.ntotal))
-    params = None
-    selector = None
+    params = selector = None
     if allowed is not None:
         bits = np.packbits(np.asarray(allowed, dtype=bool), bitorder="little")  # kept alive through the search
         selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
+    if hasattr(index, "nprobe"):
+        if selector is not None or probe_factor != 1:
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=min(index.nlist, index.nprobe * probe_factor))
+    elif selector is not None:
         params = faiss.SearchParameters(sel=selector)
-    if hasattr(index, "nprobe") and (selector is not None or probe_factor != 1):
-        nprobe = min(index.nlist, index.nprobe * max(1, probe_factor))
-        params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe) if selector is not None else \
-            faiss.SearchParametersIVF(nprobe=nprobe)
     # One query runs on the calling thread alone: an OpenMP team for a millisecond of work waits on any thread
     # the OS has given to someone else (the music decoder, another process), which made a 0.5 ms flat search
     # take 16 ms on a busy 2-core machine. The setting is the calling thread's, and faiss has its own OpenMP.

@@ -238,6 +238,19 @@ def test_fused_list_explains_both_ranks(catalog):
     assert [m.score for m in fused] == sorted((m.score for m in fused), reverse=True)
 
 
+def test_songs_found_by_lyrics_get_the_sound_score_the_sound_ranking_gives(catalog):
+    """The fused list completes the sound ranking with the songs found by lyrics: their scores must be those of
+    the sound ranking (mood fit included), or a song found by lyrics alone would jump into the sound list."""
+    songs = _table(catalog)
+    text = "love and tears on a rainy night"
+    for row in (11, 12, 13):
+        query = songs[songs.has_features].iloc[row][list(FEATURES)].to_dict()
+        by_features, by_lyrics, _ = catalog.recommend(query, text, k=50, pool=50)
+        alone = catalog.search_features(query, k=50)
+        assert [(m.song_id, m.score) for m in by_features] == [(m.song_id, m.score) for m in alone]
+        assert {m.song_id for m in by_lyrics} - {m.song_id for m in alone}  # some were scored by the completion
+
+
 def test_spotify_links_and_counts(catalog):
     assert spotify_url("4cjHy6TwppuNZ05yrP8Fic") == "https://open.spotify.com/track/4cjHy6TwppuNZ05yrP8Fic"
     assert spotify_url("") == ""
