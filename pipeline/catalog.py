@@ -33,7 +33,7 @@ import numpy as np
 
 from . import catalog_schema as schema
 from . import genres as vocabulary
-from . import recommend, song_moods, vector_index
+from . import passage_scan, recommend, song_moods, vector_index
 from .errors import IndexIntegrityError, InputError
 from .filters import Filters
 from .validate import check_k
@@ -110,11 +110,9 @@ class Catalog:
         self._row_norms: np.ndarray | None = None
         if len(passage_song_ids) and not np.all(np.diff(passage_song_ids) >= 0):
             raise IndexIntegrityError("passage_song_ids.npy is not grouped by song; rebuild the index.")
-        # every passage decoded once: lyric search scans them all exactly, so no song is lost to a candidate cut
-        passages = lyric_index.reconstruct_n(0, lyric_index.ntotal) if lyric_index.ntotal else \
-            np.zeros((0, lyric_index.d), dtype=np.float32)
-        self._lyrics = recommend.LyricScorer(passages, passage_song_ids, bags["song"], bags["word"], bags["count"],
-                                             song_topics, topic_prototypes)
+        # lyric search scans every passage exactly, so no song is lost to a candidate cut
+        self._lyrics = recommend.LyricScorer(passage_scan.from_index(lyric_index), passage_song_ids, bags["song"],
+                                             bags["word"], bags["count"], song_topics, topic_prototypes)
 
     # -- loading --------------------------------------------------------------------------------------------------
     @classmethod

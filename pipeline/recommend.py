@@ -35,6 +35,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from . import passage_scan
 from .catalog_schema import stem, words
 
 W_BEST, W_WHOLE, W_WORDS, W_TOPIC = 0.5, 0.5, 0.006, 0.1
@@ -91,6 +92,7 @@ class LyricQuery:
 
     relevance: np.ndarray
     best: np.ndarray
+    whole: np.ndarray
     query_topics: np.ndarray  # the query's topic weights (sum 1)
     line: float
     words: list[str]  # the query's bag words found in the catalog
@@ -99,19 +101,21 @@ class LyricQuery:
 class LyricScorer:
     """The lyric rule over arrays: passage vectors grouped by song, song bags of words, song topic profiles."""
 
-    def __init__(self, passage_vectors: np.ndarray, passage_songs: np.ndarray, bag_songs: np.ndarray,
-                 bag_words_: Sequence[str], bag_counts: np.ndarray, song_topics: np.ndarray,
+    def __init__(self, passages: np.ndarray | passage_scan.PassageScan, passage_songs: np.ndarray,
+                 bag_songs: np.ndarray, bag_words_: Sequence[str], bag_counts: np.ndarray, song_topics: np.ndarray,
                  topic_prototypes: np.ndarray):
-        self.passages = np.ascontiguousarray(passage_vectors, dtype=np.float32)
+        """`passages`: fp32 vectors, or a scan of the stored ones (`passage_scan.from_index`)."""
+        self.passages = passage_scan.DecodedScan(passages) if isinstance(passages, np.ndarray) else passages
         passage_songs = np.asarray(passage_songs, dtype=np.int64)
         self.songs, self.starts = np.unique(passage_songs, return_index=True)  # grouped by song, ascending
         if len(passage_songs) and not np.all(np.diff(passage_songs) >= 0):
             raise ValueError("passages must be grouped by song, in ascending song order")
-        # one sum per song's run of passages: the same additions in the same order as np.add.at, twice as fast
-        sums = np.add.reduceat(self.passages, self.starts, axis=0, dtype=np.float64) if len(self.starts) else \
-            np.zeros((0, self.passages.shape[1]), dtype=np.float64)
-        norms = np.linalg.norm(sums, axis=1, keepdims=True)
-        self.means = (sums / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+        # A song's mean vector is the normalised sum of its passages, so its similarity is the sum of its passages'
+        # similarities over the sum's norm: one scan gives both signals.
+        sums = self.passages.group_sums(self.starts) if len(self.starts) else \
+            np.zeros((0, self.passages.dim), dtype=np.float64)
+        norms = np.linalg.norm(sums, axis=1)
+        self._inverse_norms = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
         self.topics = np.clip(np.asarray(song_topics, dtype=np.float32)[self.songs], 0.0, 1.0)
         self.prototypes = np.asarray(topic_prototypes, dtype=np.float32)
         self._bags(np.asarray(bag_songs, dtype=np.int64), list(bag_words_), np.asarray(bag_counts, np.float64))
@@ -156,10 +160,9 @@ class LyricScorer:
         return found
 
     def query(self, q: np.ndarray, text: str) -> LyricQuery:
-        with _one_blas_thread():
-            sims = self.passages @ q
-            whole = self.means @ q
+        sims = self.passages.products(q)
         best = np.maximum.reduceat(sims, self.starts) if len(self.starts) else sims[:0]
+        whole = (np.add.reduceat(sims, self.starts) if len(self.starts) else sims[:0]) * self._inverse_norms
         query_words = [w for w in bag_words(text) if w in self.vocabulary]
         lexical = self.words_score(query_words)
         line = max(_ramp(float(lexical.max()) if len(lexical) else 0.0, LINE_WORDS),
@@ -169,23 +172,8 @@ class LyricScorer:
         topics = topics / topics.sum()
         fit = self.topics @ topics
         relevance = W_BEST * best + W_WHOLE * whole + W_WORDS * lexical + (1 - line) * W_TOPIC * _z(fit)
-        return LyricQuery(relevance=relevance, best=best, query_topics=topics, line=line,
+        return LyricQuery(relevance=relevance, best=best, whole=whole, query_topics=topics, line=line,
                           words=list(dict.fromkeys(query_words)))
-
-
-_BLAS = None
-
-
-def _one_blas_thread():
-    """One query's matrix-vector products on the calling thread alone. Right after the query is embedded, the
-    model's OpenMP team still spins on both cores; a second (BLAS) team fighting it made a 5-ms scan take 20–100 ms
-    on 2 cores (lyric search p50 29–35 ms, p95 90–120 ms; with one BLAS thread 21 / 22 ms)."""
-    global _BLAS
-    from threadpoolctl import ThreadpoolController
-
-    if _BLAS is None:
-        _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=1, user_api="blas")
 
 
 def _top(values: np.ndarray, n: int) -> np.ndarray:

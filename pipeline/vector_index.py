@@ -1,10 +1,11 @@
 """FAISS indexes chosen by catalog size: exact while a full scan is cheap, IVF beyond.
 
 Exact search is used up to `EXACT_LIMIT` vectors and `EXACT_SCAN` stored numbers (vectors × dimensions): the
-shipped catalog's 42k feature vectors and 45k lyric passages are scanned in a millisecond or two, so approximation
-would buy nothing. At the DYLUMO scale (1.2 million tracks, or 100k lyric passages) an inverted-file index with
-`nlist ≈ 4·sqrt(n)` lists is trained on a fixed-seed sample and probed with `nprobe` lists, chosen so that
-recall@10 against exact search stays ≥ 0.95 (`scripts/bench.py catalog` measures it).
+shipped catalog's 115k feature vectors are scanned in a millisecond or two, so approximation would buy nothing.
+At the DYLUMO scale (1.2 million tracks) an inverted-file index with `nlist ≈ 4·sqrt(n)` lists is trained on a
+fixed-seed sample and probed with `nprobe` lists, chosen so that recall@10 against exact search stays ≥ 0.95
+(`scripts/bench.py catalog` measures it). Lyric passages stay flat at any size: the lyric rule scores every one
+(`pipeline.passage_scan`), so an inverted file would only cost its lists.
 """
 
 from __future__ import annotations
@@ -25,19 +26,20 @@ def _faiss():
     return faiss
 
 
-def build(vectors: np.ndarray, metric: str, *, storage: str = "fp32", exact_limit: int = EXACT_LIMIT,
+def build(vectors: np.ndarray, metric: str, *, storage: str = "fp32", exact_limit: int | None = EXACT_LIMIT,
           seed: int = 1234, nprobe: int | None = None):
     """Index `vectors` (row i gets id i) for L2 (`metric="l2"`) or inner-product (`"ip"`) search.
 
     `storage`: `fp32` (exact), `fp16` (half the bytes) or `sq8` (a quarter: 8 bits per dimension between the
     trained per-dimension min and max; on the shipped lyric passages recall@10 against fp32 is 0.99).
+    `exact_limit=None`: flat at any size, for vectors that are always scanned in full (lyric passages).
     """
     faiss = _faiss()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
     faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
     codes = {"fp16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}.get(storage)
-    if n <= exact_limit and n * d <= EXACT_SCAN:
+    if exact_limit is None or (n <= exact_limit and n * d <= EXACT_SCAN):
         if codes is not None:
             index = faiss.IndexScalarQuantizer(d, codes, faiss_metric)
             index.train(vectors if n else np.zeros((1, d), dtype=np.float32))
@@ -69,6 +71,17 @@ def all_vectors(index) -> np.ndarray:
     if hasattr(index, "make_direct_map"):
         index.make_direct_map()
     return index.reconstruct_n(0, index.ntotal)
+
+
+def sq8_codes(index) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A flat 8-bit index's codes [n, d] (uint8) and per-dimension `vmin`, `vdiff`, where each stored number
+    decodes as `vmin + (code + 0.5)·vdiff/255`; None for any other index."""
+    faiss = _faiss()
+    if not isinstance(index, faiss.IndexScalarQuantizer) or index.sq.qtype != faiss.ScalarQuantizer.QT_8bit:
+        return None
+    trained = faiss.vector_to_array(index.sq.trained)
+    codes = faiss.vector_to_array(index.codes).reshape(index.ntotal, index.code_size)
+    return codes, trained[: index.d], trained[index.d:]
 
 
 def save(index, path: Path) -> None:
