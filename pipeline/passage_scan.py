@@ -126,8 +126,10 @@ _EXACT: bool | None = None
 
 
 def int8_products_exact() -> bool:
-    """Whether this torch multiplies the extreme codes and digits exactly. A kernel without VNNI that summed a
-    product pair in saturating int16 (or a torch without `_int_mm` on CPU) would not; checked once per process."""
+    """Whether this torch multiplies the extreme codes and digits exactly; checked once per process. oneDNN's
+    kernels without VNNI (AVX2, AVX-512 before Cascade Lake) add product pairs in saturating int16 with the digits
+    on the unsigned side and fail it; so would a torch without `_int_mm` on CPU. Swapping the operands is exact
+    there, but slower than the fp32 scan on AVX2."""
     global _EXACT
     if _EXACT is None:
         try:

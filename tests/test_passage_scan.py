@@ -3,6 +3,8 @@ accuracy, finer than an fp32 scan), and any index it cannot read that way is sca
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -100,8 +102,17 @@ def test_a_torch_without_exact_int8_products_scans_the_decoded_codes(monkeypatch
     assert np.abs(scan.products(q) - decoded @ q).max() < 1e-6
 
 
-def test_this_torch_multiplies_int8_exactly():
-    # the fast path is what the app runs here; a silent fall back would hide a slower search
+def _cpu_flags() -> set[str]:
+    try:
+        return set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                        if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.mark.skipif(not _cpu_flags() & {"avx512_vnni", "avx_vnni"}, reason="this CPU has no VNNI")
+def test_a_cpu_with_vnni_multiplies_int8_exactly():
+    # the fast path is what the app runs on such a CPU; a silent fall back would hide a slower search
     assert passage_scan.int8_products_exact()
 
 
@@ -127,3 +138,31 @@ def test_the_lyric_rule_gives_the_same_ranking_from_codes_and_from_decoded_vecto
         assert np.abs(a.whole - b.whole).max() < 1e-6 and np.abs(a.best - b.best).max() < 1e-6
         assert np.argsort(-a.relevance, kind="stable")[:10].tolist() == \
             np.argsort(-b.relevance, kind="stable")[:10].tolist()
+
+
+@pytest.mark.parametrize("isa", ["AVX2", "AVX512_CORE"])
+def test_the_check_refuses_int8_kernels_that_saturate_and_the_scan_stays_right(isa):
+    """oneDNN's int8 kernels without VNNI add product pairs in saturating int16: limited to them (its documented
+    ONEDNN_MAX_CPU_ISA switch, as on a CPU without VNNI), the check must say no, and the scan must still give the
+    stored vectors' products."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np
+from pipeline import passage_scan, vector_index
+rng = np.random.default_rng(0)
+x = rng.standard_normal((500, 384)).astype(np.float32)
+index = vector_index.build(x / np.linalg.norm(x, axis=1, keepdims=True), "ip", storage="sq8")
+codes, vmin, vdiff = vector_index.sq8_codes(index)
+decoded = vmin.astype(np.float64) + (codes + 0.5) * (vdiff.astype(np.float64) / 255)
+q = rng.standard_normal(384)
+error = np.abs(passage_scan.from_index(index).products(q) - decoded @ q).max()
+print(passage_scan.int8_products_exact(), error < 1e-5)
+"""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True"]
