@@ -15,8 +15,9 @@ calls `attach_embedder`) to share its already-loaded copy. Either way the embedd
 the manifest.
 
 How scores are computed is documented in `pipeline.features` (audio features), `pipeline.song_moods` (the mood
-fit that multiplies the feature similarity) and `pipeline.recommend` (the lyric rule, calibration, fusion); the
-file contract is `pipeline.catalog_schema`. This module loads and verifies the files and turns rows into
+fit that multiplies the feature similarity), `pipeline.recommend` (the lyric rule, calibration, fusion) and
+`pipeline.passage_scan` (every lyric passage scored from its stored 8-bit codes); the file contract is
+`pipeline.catalog_schema`. This module loads and verifies the files and turns rows into
 `SongMatch`es with a *why* that names the evidence.
 """
 
