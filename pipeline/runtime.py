@@ -46,6 +46,7 @@ def resolve_runtime(settings: Settings) -> Runtime:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    one_blas_thread()
     device = settings.resolved_device
     if device == "cuda" and not torch.cuda.is_available():
         device = "cpu"
@@ -61,6 +62,19 @@ def resolve_runtime(settings: Settings) -> Runtime:
     if device == "cuda" and weights in ("int5", "int4", "int8"):
         weights = "fp16"  # the CPU packed kernels have no CUDA counterpart with this layout
     return Runtime(device=device, dtype=dtype, music_weights=weights)
+
+
+def one_blas_thread() -> None:
+    """numpy's BLAS on one thread, for the whole process. Its calls here are the song searches' matrix-vector
+    products, a millisecond or two on one core; a team of BLAS threads kept the cores busy after each one, so the
+    sentence embedder's torch threads, next in an Analyze, ran on cores they did not get. Measured on 2 cores, the
+    three song lists of an Analyze (`Catalog.recommend`), alternating in one process: p50 39 → 21 ms, p95 119 →
+    43 ms; an embedding right after a feature search 46 → 19 ms, what it takes alone. torch's own BLAS (MKL, inside
+    libtorch) is not numpy's and keeps its threads. Libraries loaded later keep theirs too: faiss's is used only for
+    batches of queries, and its single queries run on one thread (`vector_index.search`)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
 
 
 def fast_bf16() -> bool:

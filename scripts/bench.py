@@ -430,8 +430,11 @@ def bench_analyze(args) -> dict:
     from scripts.real_size import blip_base, clip_vit_b32
     from scripts.sample_images import photo
 
+    from pipeline.runtime import resolve_runtime
+
     quiet_libraries()
     settings = Settings.from_env()
+    resolve_runtime(settings)  # the thread settings the app runs with
     device = args.device
     repeats = args.repeats
     images = [photo(640, 480, seed=i) for i in range(repeats)]
@@ -484,11 +487,9 @@ def bench_analyze(args) -> dict:
         def mood(image):
             return predictor.predict(encoder.embed([image]), [image])[0]
 
-        def recommend(text_and_mood):
+        def recommend(text_and_mood):  # the three lists as Analyze gets them
             text, m = text_and_mood
-            query = lyric_query(text, m.emotion)
-            return (catalog.search_features(m.features, k=10), catalog.search_lyrics(query, k=10),
-                    catalog.search_fused(m.features, query, k=10))
+            return catalog.recommend(m.features, lyric_query(text, m.emotion), k=10)
 
         def analyze(image):
             m = mood(image)

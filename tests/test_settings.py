@@ -69,3 +69,23 @@ def test_replace_revalidates():
     assert s.replace(max_duration_s=10.0, default_duration_s=5.0).max_duration_s == 10.0
     with pytest.raises(SettingsError):
         s.replace(queue_size=-1)
+
+
+def test_the_runtime_runs_numpys_blas_on_one_thread():
+    """An Analyze's song searches are numpy matrix-vector products; a team of BLAS threads left busy after them took
+    the cores from the embedder's torch threads (pipeline.runtime.one_blas_thread)."""
+    from threadpoolctl import ThreadpoolController
+
+    from pipeline.runtime import resolve_runtime
+
+    controller = ThreadpoolController()
+    numpys = [c for c in controller.select(user_api="blas").lib_controllers if "numpy" in c.filepath]
+    if not numpys:
+        pytest.skip("numpy's BLAS is not one threadpoolctl can see")
+    before = controller.info()
+    try:
+        controller.limit(limits=2, user_api="blas")
+        resolve_runtime(Settings.from_env({}))
+        assert all(c.num_threads == 1 for c in numpys)
+    finally:
+        controller.limit(limits=max(i["num_threads"] for i in before if i["user_api"] == "blas"), user_api="blas")
